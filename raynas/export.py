@@ -1,0 +1,132 @@
+"""Write extracted models as transformers folders: plain ``bert`` when it can be.
+
+An arch whose op chain is ``L x (MHA(h, d/h), FFN(f))`` is exactly a
+``BertConfig``; it is saved as model type ``bert`` and loads in any process with
+transformers alone. Anything else is saved as model type ``raynas``, which loads
+with ``AutoModel.from_pretrained`` once ``import raynas`` has registered it.
+Folders are written under a temporary name and renamed, so a crash never leaves
+a half-written model where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from raynas.errors import ConfigError
+from raynas.models.configuration_raynas import RaynasConfig
+from raynas.models.modeling_raynas import RaynasForMaskedLM
+from raynas.spaces.ops import FFN, MHA
+
+_MHA_KEYS = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+             "dense": "attention.output.dense", "LayerNorm": "attention.output.LayerNorm"}
+_FFN_KEYS = {"intermediate": "intermediate.dense", "output": "output.dense", "LayerNorm": "output.LayerNorm"}
+_HEAD_KEYS = {"cls.dense": "cls.predictions.transform.dense", "cls.LayerNorm": "cls.predictions.transform.LayerNorm",
+              "cls.decoder": "cls.predictions.decoder", "cls.bias": "cls.predictions.bias"}
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    model_type: str
+    params: int
+
+
+def bert_config_for(config: RaynasConfig) -> BertConfig | None:
+    """The equivalent ``BertConfig``, or None when the op chain is not a BERT stack."""
+    ops = [op for op in config.ops if op.op != "id"]
+    if not ops or len(ops) % 2:
+        return None
+    mhas, ffns = ops[0::2], ops[1::2]
+    if not all(isinstance(m, MHA) for m in mhas) or not all(isinstance(f, FFN) for f in ffns):
+        return None
+    if len(set(mhas)) != 1 or len(set(ffns)) != 1 or mhas[0].inner != config.hidden_size:
+        return None
+    return BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=len(mhas),
+        num_attention_heads=mhas[0].heads, intermediate_size=ffns[0].inner, hidden_act="gelu",
+        hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
+        pad_token_id=config.pad_token_id, classifier_dropout=config.classifier_dropout,
+    )
+
+
+def bert_key_map(config: RaynasConfig) -> dict[str, str]:
+    """raynas parameter-name prefix -> bert prefix, for a BERT-expressible config."""
+    mapping = {"raynas.embeddings": "bert.embeddings", "raynas.pooler": "bert.pooler", **_HEAD_KEYS}
+    bert_layer = 0
+    for i, op in enumerate(config.ops):
+        if op.op == "id":
+            continue
+        table = _MHA_KEYS if op.op == "mha" else _FFN_KEYS
+        for ours, theirs in table.items():
+            mapping[f"raynas.layers.{i}.{ours}"] = f"bert.encoder.layer.{bert_layer}.{theirs}"
+        bert_layer += op.op == "ffn"
+    return mapping
+
+
+def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in mapping:
+                out[".".join([mapping[prefix], *parts[cut:]])] = value
+                break
+        else:
+            raise RuntimeError(f"no bert name for parameter {key}")
+    return out
+
+
+def to_bert(model: RaynasForMaskedLM) -> tuple[BertForMaskedLM, dict[str, torch.Tensor]] | None:
+    """The same model as ``BertForMaskedLM`` plus its full state dict (pooler included)."""
+    bert_config = bert_config_for(model.config)
+    if bert_config is None:
+        return None
+    state = _rename(model.state_dict(), bert_key_map(model.config))
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]  # tied in BertForMaskedLM
+    bert = BertForMaskedLM(bert_config)
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith("bert.pooler.")]
+    if missing or unexpected:
+        raise RuntimeError(f"bert conversion mismatch: missing {missing}, unexpected {unexpected}")
+    return bert.eval(), state
+
+
+def export_model(
+    model: RaynasForMaskedLM, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
+    bert_if_possible: bool = True,
+) -> Exported:
+    """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir``, atomically."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        converted = to_bert(model) if bert_if_possible else None
+        if converted is not None:
+            bert, state = converted
+            bert.save_pretrained(tmp, state_dict=state)
+            model_type = "bert"
+        else:
+            model.save_pretrained(tmp)
+            model_type = "raynas"
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Exported(out, model_type, sum(p.numel() for p in model.parameters()))

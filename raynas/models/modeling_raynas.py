@@ -1,0 +1,336 @@
+"""The raynas encoder: BERT embeddings, a chain of op-layers, BERT heads.
+
+Every op is written once as a function of its weights (``mha_op``, ``ffn_op``,
+``conv_op``, ...). The plain modules below call those functions with their own
+parameters; the elastic supernet calls the same functions with slices of its
+larger parameters. Hence an extracted model computes exactly what the
+supernet's active path computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+)
+
+from raynas.models.configuration_raynas import RaynasConfig
+from raynas.spaces.ops import FFN, MHA, OpSpec, SepConv
+
+Tensor = torch.Tensor
+WB = tuple[Tensor, Tensor | None]  # (weight, bias)
+
+
+# ---- ops as functions of their weights ------------------------------------------------
+def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``[B, T]`` 1/0 mask -> ``[B, 1, 1, T]`` additive mask for attention scores."""
+    if attention_mask is None:
+        return None
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def embed_op(
+    input_ids: Tensor, token_type_ids: Tensor | None, position_ids: Tensor | None,
+    word: Tensor, position: Tensor, token_type: Tensor, ln: WB, eps: float, dropout: float, training: bool,
+    pad: int | None = None,
+) -> Tensor:
+    seq = input_ids.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=input_ids.device)[None, :]
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    h = F.embedding(input_ids, word, pad) + F.embedding(token_type_ids, token_type) + F.embedding(position_ids, position)
+    h = F.layer_norm(h, (h.shape[-1],), ln[0], ln[1], eps)
+    return F.dropout(h, dropout, training)
+
+
+def mha_op(
+    x: Tensor, mask: Tensor | None, q: WB, k: WB, v: WB, o: WB, ln: WB,
+    heads: int, head_dim: int, eps: float, attn_dropout: float, dropout: float, training: bool,
+) -> Tensor:
+    b, t, _ = x.shape
+
+    def split(w: WB) -> Tensor:
+        return F.linear(x, *w).view(b, t, heads, head_dim).transpose(1, 2)
+
+    ctx = F.scaled_dot_product_attention(
+        split(q), split(k), split(v), attn_mask=mask, dropout_p=attn_dropout if training else 0.0
+    )
+    ctx = ctx.transpose(1, 2).reshape(b, t, heads * head_dim)
+    out = F.dropout(F.linear(ctx, *o), dropout, training)
+    return F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+
+
+def ffn_op(x: Tensor, inner: WB, outer: WB, ln: WB, eps: float, dropout: float, training: bool) -> Tensor:
+    out = F.dropout(F.linear(F.gelu(F.linear(x, *inner)), *outer), dropout, training)
+    return F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+
+
+def conv_op(
+    x: Tensor, keep: Tensor | None, inp: WB, conv: WB, outp: WB, ln: WB,
+    kernel: int, eps: float, dropout: float, training: bool,
+) -> Tensor:
+    h = F.linear(x, *inp)
+    if keep is not None:  # padding must not leak into real tokens through the kernel
+        h = h * keep[:, :, None].to(h.dtype)
+    h = F.conv1d(h.transpose(1, 2), conv[0], conv[1], padding=kernel // 2, groups=h.shape[-1])
+    out = F.dropout(F.linear(F.gelu(h.transpose(1, 2)), *outp), dropout, training)
+    return F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+
+
+def mlm_op(h: Tensor, dense: WB, ln: WB, decoder: Tensor, bias: Tensor, eps: float) -> Tensor:
+    h = F.gelu(F.linear(h, *dense))
+    h = F.layer_norm(h, (h.shape[-1],), ln[0], ln[1], eps)
+    return F.linear(h, decoder, bias)
+
+
+def _wb(m: nn.Linear | nn.Conv1d | nn.LayerNorm) -> WB:
+    return m.weight, m.bias
+
+
+# ---- plain modules ------------------------------------------------------------------------
+class RaynasEmbeddings(nn.Module):
+    def __init__(self, config: RaynasConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.eps, self.p, self.pad = config.layer_norm_eps, config.hidden_dropout_prob, config.pad_token_id
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+        return embed_op(
+            input_ids, token_type_ids, position_ids, self.word_embeddings.weight, self.position_embeddings.weight,
+            self.token_type_embeddings.weight, _wb(self.LayerNorm), self.eps, self.p, self.training, self.pad,
+        )
+
+
+class RaynasAttention(nn.Module):
+    def __init__(self, config: RaynasConfig, spec: MHA) -> None:
+        super().__init__()
+        d, q = config.hidden_size, spec.inner
+        self.spec = spec
+        self.query, self.key, self.value = nn.Linear(d, q), nn.Linear(d, q), nn.Linear(d, q)
+        self.dense = nn.Linear(q, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.eps, self.p_attn, self.p = config.layer_norm_eps, config.attention_probs_dropout_prob, config.hidden_dropout_prob
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
+        return mha_op(
+            x, mask, _wb(self.query), _wb(self.key), _wb(self.value), _wb(self.dense), _wb(self.LayerNorm),
+            self.spec.heads, self.spec.head_dim, self.eps, self.p_attn, self.p, self.training,
+        )
+
+
+class RaynasFeedForward(nn.Module):
+    def __init__(self, config: RaynasConfig, spec: FFN) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.intermediate, self.output = nn.Linear(d, spec.inner), nn.Linear(spec.inner, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.eps, self.p = config.layer_norm_eps, config.hidden_dropout_prob
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
+        return ffn_op(x, _wb(self.intermediate), _wb(self.output), _wb(self.LayerNorm), self.eps, self.p, self.training)
+
+
+class RaynasSepConv(nn.Module):
+    def __init__(self, config: RaynasConfig, spec: SepConv) -> None:
+        super().__init__()
+        d, c = config.hidden_size, spec.inner
+        self.spec = spec
+        self.in_proj = nn.Linear(d, c)
+        self.conv = nn.Conv1d(c, c, spec.kernel, padding=spec.kernel // 2, groups=c)
+        self.out_proj = nn.Linear(c, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.eps, self.p = config.layer_norm_eps, config.hidden_dropout_prob
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
+        return conv_op(
+            x, keep, _wb(self.in_proj), _wb(self.conv), _wb(self.out_proj), _wb(self.LayerNorm),
+            self.spec.kernel, self.eps, self.p, self.training,
+        )
+
+
+class RaynasIdentity(nn.Module):
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
+        return x
+
+
+def build_op(config: RaynasConfig, spec: OpSpec) -> nn.Module:
+    if isinstance(spec, MHA):
+        return RaynasAttention(config, spec)
+    if isinstance(spec, FFN):
+        return RaynasFeedForward(config, spec)
+    if isinstance(spec, SepConv):
+        return RaynasSepConv(config, spec)
+    return RaynasIdentity()
+
+
+class RaynasPooler(nn.Module):
+    def __init__(self, config: RaynasConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class RaynasMLMHead(nn.Module):
+    def __init__(self, config: RaynasConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.dense = nn.Linear(d, d)
+        self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(d, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.eps = config.layer_norm_eps
+
+    def forward(self, h: Tensor) -> Tensor:
+        return mlm_op(h, _wb(self.dense), _wb(self.LayerNorm), self.decoder.weight, self.bias, self.eps)
+
+
+# ---- transformers models --------------------------------------------------------------------
+class RaynasPreTrainedModel(PreTrainedModel):
+    config: RaynasConfig
+    config_class = RaynasConfig
+    base_model_prefix = "raynas"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RaynasMLMHead):
+            init.zeros_(module.bias)
+
+
+class RaynasModel(RaynasPreTrainedModel):
+    def __init__(self, config: RaynasConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = RaynasEmbeddings(config)
+        self.layers = nn.ModuleList(build_op(config, spec) for spec in config.ops)
+        self.pooler = RaynasPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **kwargs: object,
+    ) -> BaseModelOutputWithPooling:
+        h = self.embeddings(input_ids, token_type_ids, position_ids)
+        mask = additive_mask(attention_mask, h.dtype)
+        states = [h]
+        for layer in self.layers:
+            h = layer(h, mask, attention_mask)
+            states.append(h)
+        pooled = self.pooler(h) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(
+            last_hidden_state=h, pooler_output=pooled, hidden_states=tuple(states) if output_hidden_states else None
+        )
+
+
+class RaynasForMaskedLM(RaynasPreTrainedModel):
+    """Like ``BertForMaskedLM``: no pooler by default, pooler weights in a checkpoint ignored.
+
+    Extraction builds it with ``add_pooling_layer=True`` so that an export also
+    carries the supernet's pooler for ``AutoModel`` / sequence classification.
+    """
+
+    _tied_weights_keys = {"cls.decoder.weight": "raynas.embeddings.word_embeddings.weight"}
+    _keys_to_ignore_on_load_unexpected = [r"pooler"]
+
+    def __init__(self, config: RaynasConfig, add_pooling_layer: bool = False) -> None:
+        super().__init__(config)
+        self.raynas = RaynasModel(config, add_pooling_layer=add_pooling_layer)
+        self.cls = RaynasMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.cls.decoder = value
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, output_hidden_states: bool = False,
+                return_dict: bool = True, **kwargs: object) -> MaskedLMOutput:
+        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.cls(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class RaynasForSequenceClassification(RaynasPreTrainedModel):
+    def __init__(self, config: RaynasConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.raynas = RaynasModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, output_hidden_states: bool = False,
+                return_dict: bool = True, **kwargs: object) -> SequenceClassifierOutput:
+        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = MSELoss()(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            elif self.config.problem_type == "single_label_classification":
+                loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class RaynasForQuestionAnswering(RaynasPreTrainedModel):
+    def __init__(self, config: RaynasConfig) -> None:
+        super().__init__(config)
+        self.raynas = RaynasModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, start_positions: Tensor | None = None,
+                end_positions: Tensor | None = None, output_hidden_states: bool = False,
+                return_dict: bool = True, **kwargs: object) -> QuestionAnsweringModelOutput:
+        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.size(1)
+            loss_fct = CrossEntropyLoss(ignore_index=ignored)
+            loss = (loss_fct(start, start_positions.clamp(0, ignored)) + loss_fct(end, end_positions.clamp(0, ignored))) / 2
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states)

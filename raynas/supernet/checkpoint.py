@@ -1,0 +1,90 @@
+"""Supernet folders: ``supernet.json`` + ``model.safetensors`` (+ ``tokenizer/``).
+
+Written to a temporary folder and renamed into place, so an interrupted save
+never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from raynas.errors import ConfigError
+from raynas.supernet.supernet import Supernet, SupernetConfig
+
+FORMAT = "raynas-supernet"
+VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "supernet.json", "model.safetensors", "tokenizer"
+
+
+def save_supernet(net: Supernet, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = True) -> Path:
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out}: already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = {"format": FORMAT, "version": VERSION, "config": net.config.to_dict(),
+                "active_arch": str(net.active_arch)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": FORMAT})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_supernet(path: str | os.PathLike) -> Supernet:
+    """The supernet saved at ``path``; ConfigError naming the file if anything is off."""
+    root = Path(path)
+    meta_file, weights_file = root / CONFIG_FILE, root / WEIGHTS_FILE
+    if not meta_file.is_file():
+        raise ConfigError(f"{root}: not a supernet folder (no {CONFIG_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{meta_file}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"{meta_file}: not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise ConfigError(f"{meta_file}: format version {meta.get('version')!r}, this raynas reads {VERSION}")
+    try:
+        config = SupernetConfig(**meta["config"])
+    except TypeError as exc:
+        raise ConfigError(f"{meta_file}: config: {exc}") from None
+    net = Supernet(config)
+    try:
+        state = load_file(str(weights_file))
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"{weights_file}: cannot read weights ({exc})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[:3]
+        raise ConfigError(f"{weights_file}: does not match {meta_file}: {' '.join(first)}") from None
+    if meta.get("active_arch"):
+        net.set_active(meta["active_arch"])
+    return net.eval()
+
+
+def load_supernet_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved with the supernet, or None."""
+    folder = Path(path) / TOKENIZER_DIR
+    if not folder.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

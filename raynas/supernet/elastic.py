@@ -1,0 +1,211 @@
+"""Elastic modules: hold the largest weights, run a bottom-left slice of them.
+
+Each module's parameter names match the plain module in
+:mod:`raynas.models.modeling_raynas`, and ``active_params(d, spec)`` returns the
+slices under those names. ``forward`` feeds those slices to the same op
+function the plain module uses, and extraction copies the same slices, so an
+extracted model cannot drift from the supernet's active path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from raynas.models.modeling_raynas import conv_op, embed_op, ffn_op, mha_op, mlm_op
+from raynas.spaces.base import EmbeddingShape
+from raynas.spaces.ops import FFN, MHA, OpSpec, SepConv
+
+Tensor = torch.Tensor
+Params = dict[str, Tensor]
+
+
+def _wb(p: Params, name: str) -> tuple[Tensor, Tensor]:
+    return p[f"{name}.weight"], p[f"{name}.bias"]
+
+
+def _ln(ln: nn.LayerNorm, d: int) -> Params:
+    return {"LayerNorm.weight": ln.weight[:d], "LayerNorm.bias": ln.bias[:d]}
+
+
+@lru_cache(maxsize=256)
+def _head_index(heads: int, head_dim: int, max_head_dim: int) -> Tensor:
+    """Rows of the first ``head_dim`` dims of each of the first ``heads`` heads."""
+    return (torch.arange(heads)[:, None] * max_head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+class ElasticEmbeddings(nn.Module):
+    def __init__(self, shape: EmbeddingShape, d_max: int, eps: float, dropout: float, pad: int | None) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(shape.vocab_size, d_max)
+        self.position_embeddings = nn.Embedding(shape.max_position_embeddings, d_max)
+        self.token_type_embeddings = nn.Embedding(shape.type_vocab_size, d_max)
+        self.LayerNorm = nn.LayerNorm(d_max, eps=eps)
+        self.eps, self.p, self.pad = eps, dropout, pad
+
+    def active_params(self, d: int) -> Params:
+        return {
+            "word_embeddings.weight": self.word_embeddings.weight[:, :d],
+            "position_embeddings.weight": self.position_embeddings.weight[:, :d],
+            "token_type_embeddings.weight": self.token_type_embeddings.weight[:, :d],
+            **_ln(self.LayerNorm, d),
+        }
+
+    def forward(self, d: int, input_ids: Tensor, token_type_ids: Tensor | None, position_ids: Tensor | None) -> Tensor:
+        p = self.active_params(d)
+        return embed_op(
+            input_ids, token_type_ids, position_ids, p["word_embeddings.weight"], p["position_embeddings.weight"],
+            p["token_type_embeddings.weight"], _wb(p, "LayerNorm"), self.eps, self.p, self.training, self.pad,
+        )
+
+
+class ElasticMHA(nn.Module):
+    """Heads are laid out ``[head0 dims | head1 dims | ...]`` at ``max.head_dim`` each.
+
+    ``MHA(h, max.head_dim)`` takes the first ``h`` heads (a contiguous slice);
+    ``MHA(h, hd < max.head_dim)`` takes the first ``hd`` dims of each of the first
+    ``h`` heads (an index gather), covering both AutoTinyBERT strategies.
+    """
+
+    def __init__(self, d_max: int, largest: MHA, eps: float, attn_dropout: float, dropout: float) -> None:
+        super().__init__()
+        q = largest.inner
+        self.largest = largest
+        self.query, self.key, self.value = nn.Linear(d_max, q), nn.Linear(d_max, q), nn.Linear(d_max, q)
+        self.dense = nn.Linear(q, d_max)
+        self.LayerNorm = nn.LayerNorm(d_max, eps=eps)
+        self.eps, self.p_attn, self.p = eps, attn_dropout, dropout
+
+    def active_params(self, d: int, spec: MHA) -> Params:
+        out: Params = {}
+        if spec.head_dim == self.largest.head_dim:
+            rows = spec.inner
+            for name in ("query", "key", "value"):
+                lin = getattr(self, name)
+                out[f"{name}.weight"], out[f"{name}.bias"] = lin.weight[:rows, :d], lin.bias[:rows]
+            out["dense.weight"] = self.dense.weight[:d, :rows]
+        else:
+            idx = _head_index(spec.heads, spec.head_dim, self.largest.head_dim).to(self.dense.weight.device)
+            for name in ("query", "key", "value"):
+                lin = getattr(self, name)
+                out[f"{name}.weight"] = lin.weight[:, :d].index_select(0, idx)
+                out[f"{name}.bias"] = lin.bias.index_select(0, idx)
+            out["dense.weight"] = self.dense.weight[:d].index_select(1, idx)
+        out["dense.bias"] = self.dense.bias[:d]
+        out.update(_ln(self.LayerNorm, d))
+        return out
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: MHA) -> Tensor:
+        p = self.active_params(x.shape[-1], spec)
+        return mha_op(
+            x, mask, _wb(p, "query"), _wb(p, "key"), _wb(p, "value"), _wb(p, "dense"), _wb(p, "LayerNorm"),
+            spec.heads, spec.head_dim, self.eps, self.p_attn, self.p, self.training,
+        )
+
+
+class ElasticFFN(nn.Module):
+    def __init__(self, d_max: int, largest: FFN, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.intermediate, self.output = nn.Linear(d_max, largest.inner), nn.Linear(largest.inner, d_max)
+        self.LayerNorm = nn.LayerNorm(d_max, eps=eps)
+        self.eps, self.p = eps, dropout
+
+    def active_params(self, d: int, spec: FFN) -> Params:
+        f = spec.inner
+        return {
+            "intermediate.weight": self.intermediate.weight[:f, :d], "intermediate.bias": self.intermediate.bias[:f],
+            "output.weight": self.output.weight[:d, :f], "output.bias": self.output.bias[:d],
+            **_ln(self.LayerNorm, d),
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: FFN) -> Tensor:
+        p = self.active_params(x.shape[-1], spec)
+        return ffn_op(x, _wb(p, "intermediate"), _wb(p, "output"), _wb(p, "LayerNorm"), self.eps, self.p, self.training)
+
+
+class ElasticSepConv(nn.Module):
+    """One kernel size; channel counts share the first ``inner`` channels."""
+
+    def __init__(self, d_max: int, largest: SepConv, eps: float, dropout: float) -> None:
+        super().__init__()
+        c = largest.inner
+        self.kernel = largest.kernel
+        self.in_proj = nn.Linear(d_max, c)
+        self.conv = nn.Conv1d(c, c, largest.kernel, padding=largest.kernel // 2, groups=c)
+        self.out_proj = nn.Linear(c, d_max)
+        self.LayerNorm = nn.LayerNorm(d_max, eps=eps)
+        self.eps, self.p = eps, dropout
+
+    def active_params(self, d: int, spec: SepConv) -> Params:
+        c = spec.inner
+        return {
+            "in_proj.weight": self.in_proj.weight[:c, :d], "in_proj.bias": self.in_proj.bias[:c],
+            "conv.weight": self.conv.weight[:c], "conv.bias": self.conv.bias[:c],
+            "out_proj.weight": self.out_proj.weight[:d, :c], "out_proj.bias": self.out_proj.bias[:d],
+            **_ln(self.LayerNorm, d),
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: SepConv) -> Tensor:
+        p = self.active_params(x.shape[-1], spec)
+        return conv_op(
+            x, keep, _wb(p, "in_proj"), _wb(p, "conv"), _wb(p, "out_proj"), _wb(p, "LayerNorm"),
+            spec.kernel, self.eps, self.p, self.training,
+        )
+
+
+class ElasticOpLayer(nn.Module):
+    """One op-layer of a supernet: one elastic module per slot (``mha``, ``ffn``, ``conv3``...)."""
+
+    def __init__(self, slots: dict[str, OpSpec], d_max: int, eps: float, attn_dropout: float, dropout: float) -> None:
+        super().__init__()
+        ops: dict[str, nn.Module] = {}
+        for slot, largest in slots.items():
+            if isinstance(largest, MHA):
+                ops[slot] = ElasticMHA(d_max, largest, eps, attn_dropout, dropout)
+            elif isinstance(largest, FFN):
+                ops[slot] = ElasticFFN(d_max, largest, eps, dropout)
+            elif isinstance(largest, SepConv):
+                ops[slot] = ElasticSepConv(d_max, largest, eps, dropout)
+        self.ops = nn.ModuleDict(ops)
+
+    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: OpSpec) -> Tensor:
+        if spec.op == "id":
+            return x
+        return self.ops[spec.slot](x, mask, keep, spec)
+
+    def active_params(self, d: int, spec: OpSpec) -> Params:
+        return {} if spec.op == "id" else self.ops[spec.slot].active_params(d, spec)
+
+
+class ElasticPooler(nn.Module):
+    def __init__(self, d_max: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_max, d_max)
+
+    def active_params(self, d: int) -> Params:
+        return {"dense.weight": self.dense.weight[:d, :d], "dense.bias": self.dense.bias[:d]}
+
+    def forward(self, h: Tensor) -> Tensor:
+        p = self.active_params(h.shape[-1])
+        return torch.tanh(nn.functional.linear(h[:, 0], *_wb(p, "dense")))
+
+
+class ElasticMLMHead(nn.Module):
+    """Transform + decoder tied to the (sliced) word embeddings + full-vocab bias."""
+
+    def __init__(self, d_max: int, vocab_size: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_max, d_max)
+        self.LayerNorm = nn.LayerNorm(d_max, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.eps = eps
+
+    def active_params(self, d: int) -> Params:
+        return {"dense.weight": self.dense.weight[:d, :d], "dense.bias": self.dense.bias[:d], **_ln(self.LayerNorm, d),
+                "bias": self.bias}
+
+    def forward(self, h: Tensor, decoder: Tensor) -> Tensor:
+        p = self.active_params(h.shape[-1])
+        return mlm_op(h, _wb(p, "dense"), _wb(p, "LayerNorm"), decoder, p["bias"], self.eps)
