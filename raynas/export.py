@@ -73,6 +73,43 @@ def bert_key_map(config: RaynasConfig) -> dict[str, str]:
     return mapping
 
 
+def raynas_config_from_bert(config: BertConfig) -> RaynasConfig:
+    """The raynas config of a stock BERT (absolute positions, GELU) encoder."""
+    act = getattr(config, "hidden_act", "gelu")
+    pos = getattr(config, "position_embedding_type", "absolute")
+    if act != "gelu" or pos != "absolute":
+        raise ConfigError(f"teacher: hidden_act={act!r}, position_embedding_type={pos!r}; raynas needs 'gelu', 'absolute'")
+    head_dim, rest = divmod(config.hidden_size, config.num_attention_heads)
+    if rest:
+        raise ConfigError(f"teacher: hidden_size {config.hidden_size} is not divisible by {config.num_attention_heads} heads")
+    layers = [MHA(config.num_attention_heads, head_dim).to_dict(), FFN(config.intermediate_size).to_dict()]
+    return RaynasConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, layers=layers * config.num_hidden_layers,
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        layer_norm_eps=config.layer_norm_eps, initializer_range=config.initializer_range, pad_token_id=config.pad_token_id,
+    )
+
+
+def from_bert(model: Any) -> RaynasForMaskedLM:
+    """A ``BertModel`` / ``BertForMaskedLM`` as the equivalent ``RaynasForMaskedLM`` (with pooler if it had one)."""
+    if getattr(model.config, "model_type", None) != "bert":
+        raise ConfigError(f"teacher: model type {getattr(model.config, 'model_type', None)!r} is not 'bert'")
+    config = raynas_config_from_bert(model.config)
+    state = {(k if k.startswith(("bert.", "cls.")) else f"bert.{k}"): v for k, v in model.state_dict().items()}
+    state.pop("cls.predictions.decoder.bias", None)
+    reverse = {theirs: ours for ours, theirs in bert_key_map(config).items()}
+    has_pooler = any(k.startswith("bert.pooler.") for k in state)
+    ours = RaynasForMaskedLM(config, add_pooling_layer=has_pooler)
+    renamed = _rename(state, reverse)
+    missing, unexpected = ours.load_state_dict(renamed, strict=False)
+    missing = [k for k in missing if not k.startswith("cls.")]  # an encoder-only teacher keeps a fresh MLM head
+    if missing or unexpected:
+        raise RuntimeError(f"bert -> raynas mismatch: missing {missing}, unexpected {unexpected}")
+    ours.tie_weights()
+    return ours.eval()
+
+
 def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():

@@ -41,7 +41,7 @@ class Choice:
     text: str
 
     @classmethod
-    def from_spec(cls, name: str, spec: Any, errors: list[str]) -> "Choice | None":
+    def from_spec(cls, name: str, spec: Any, errors: list[str]) -> Choice | None:
         """Read ``{min, max, step}`` or ``{values: [...]}``; append problems to ``errors``."""
         if not isinstance(spec, dict):
             errors.append(f"{name}: expected a mapping with min/max[/step] or values, got {spec!r}")
@@ -120,11 +120,11 @@ class Space(ABC, Generic[A]):
 
     # ---- what each space defines -------------------------------------------------
     @abstractmethod
-    def parse(self, arch: "A | str") -> A:
+    def parse(self, arch: A | str) -> A:
         """Arch object from its string form (or pass one through); ConfigError if malformed."""
 
     @abstractmethod
-    def validate(self, arch: "A | str") -> A:
+    def validate(self, arch: A | str) -> A:
         """Parse and check against the space; ConfigError names the offending field and value."""
 
     @abstractmethod
@@ -137,11 +137,11 @@ class Space(ABC, Generic[A]):
     def crossover(self, a: A, b: A, rng: random.Random) -> A: ...
 
     @abstractmethod
-    def encode(self, arch: "A | str") -> list[float]:
+    def encode(self, arch: A | str) -> list[float]:
         """Fixed-length numeric vector (values in [0, 1]) for predictors."""
 
     @abstractmethod
-    def plan(self, arch: "A | str") -> tuple[int, tuple[OpSpec, ...]]:
+    def plan(self, arch: A | str) -> tuple[int, tuple[OpSpec, ...]]:
         """``(hidden, ops)``: the op-layer chain this arch runs."""
 
     @abstractmethod
@@ -163,17 +163,17 @@ class Space(ABC, Generic[A]):
     def max_hidden(self) -> int:
         return self.plan(self.largest())[0]
 
-    def contains(self, arch: "A | str") -> bool:
+    def contains(self, arch: A | str) -> bool:
         try:
             self.validate(arch)
         except ConfigError:
             return False
         return True
 
-    def format(self, arch: "A | str") -> str:
+    def format(self, arch: A | str) -> str:
         return str(self.parse(arch))
 
-    def params(self, arch: "A | str", head: str = "base", num_labels: int = 2) -> int:
+    def params(self, arch: A | str, head: str = "base", num_labels: int = 2) -> int:
         """Exact parameter count of the exported model.
 
         ``encoder``: op-layers only; ``base``: ``AutoModel`` (embeddings + layers +
@@ -198,7 +198,7 @@ class Space(ABC, Generic[A]):
         }[head]
         return emb + enc + extra
 
-    def flops(self, arch: "A | str", seq_len: int = 128) -> int:
+    def flops(self, arch: A | str, seq_len: int = 128) -> int:
         """Encoder matmul/conv FLOPs for one sequence (see :func:`encoder_flops`)."""
         d, ops = self.plan(self.validate(arch))
         return encoder_flops(d, ops, seq_len)
@@ -225,7 +225,7 @@ class Space(ABC, Generic[A]):
             raise ConfigError(f"method: unknown binning {method!r} (expected 'uniform' or 'quantile')")
         return [lo, *inner, hi + 1]
 
-    def bin_of(self, arch: "A | str", edges: Sequence[int], head: str = "encoder") -> int:
+    def bin_of(self, arch: A | str, edges: Sequence[int], head: str = "encoder") -> int:
         """Index of the bin (``edges[i] <= params < edges[i+1]``) holding ``arch``."""
         p = self.params(arch, head)
         i = bisect.bisect_right(list(edges), p) - 1

@@ -57,7 +57,7 @@ class HomogeneousSpace(Space[TinyArch]):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "space") -> "HomogeneousSpace":
+    def from_dict(cls, raw: dict[str, Any], where: str = "space") -> HomogeneousSpace:
         errors: list[str] = []
         allowed = {"kind", "name", "strategy", "head_dim", "embeddings", *DIMS}
         errors += [f"{k}: unknown key (expected one of {sorted(allowed)})" for k in sorted(set(raw) - allowed)]
@@ -81,6 +81,31 @@ class HomogeneousSpace(Space[TinyArch]):
         embeddings = read_embeddings(raw.get("embeddings"), errors)
         raise_errors(where, errors)
         return cls(str(raw.get("name", "homogeneous")), strategy, head_dim, dims, embeddings)
+
+    @classmethod
+    def around(
+        cls, layers: int, hidden: int, ffn: int, heads: int, head_dim: int, embeddings: EmbeddingShape,
+        strategy: str = "heads", step: int = 4, name: str = "teacher",
+    ) -> HomogeneousSpace:
+        """A space whose largest arch is the given model (e.g. a teacher), with Table B.1's shape.
+
+        Widths go down to about a sixth of the maximum (paper: 128 of 768) in
+        ``step`` increments; ``dims`` keeps all heads and varies d_qkv in steps of ``heads``.
+        """
+        def span(top: int, unit: int) -> dict[str, int]:
+            low = max(unit, top - unit * ((top - max(top // 6, unit)) // unit))
+            return {"min": low, "max": top, "step": unit}
+
+        raw: dict[str, Any] = {
+            "name": name, "strategy": strategy, "head_dim": head_dim, "layers": {"min": 1, "max": layers},
+            "hidden": span(hidden, step), "ffn": span(ffn, step), "embeddings": embeddings.to_dict(),
+        }
+        if strategy == "dims":
+            raw["heads"] = {"values": [heads]}
+            raw["qkv"] = span(heads * head_dim, heads)
+        else:
+            raw["heads"] = {"min": 1, "max": heads}
+        return cls.from_dict(raw, where=f"space around {layers}-{hidden}-{ffn}-{heads}-{heads * head_dim}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "name": self.name, "strategy": self.strategy, "head_dim": self.head_dim}
@@ -106,10 +131,12 @@ class HomogeneousSpace(Space[TinyArch]):
             value = getattr(a, key)
             if value not in self.dims[key]:
                 raise ConfigError(f"arch {a}: {key}={value} is not in {self.dims[key].text} (space {self.name!r})")
-        if self.strategy == "dims" and a.qkv % a.heads:
+        if self.strategy == "heads" and a.qkv != self.head_dim * a.heads:
+            raise ConfigError(f"arch {a}: qkv={a.qkv} must be head_dim*heads={self.head_dim * a.heads} (strategy 'heads')")
+        if a.qkv % a.heads:
             raise ConfigError(f"arch {a}: qkv={a.qkv} is not divisible by heads={a.heads}")
         if a.qkv // a.heads > self.head_dim:
-            raise ConfigError(f"arch {a}: qkv/heads={a.qkv // a.heads} exceeds head_dim={self.head_dim}")
+            raise ConfigError(f"arch {a}: qkv={a.qkv} gives {a.qkv // a.heads} dims per head, over head_dim={self.head_dim}")
         return a
 
     # ---- sampling --------------------------------------------------------------------

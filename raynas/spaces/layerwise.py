@@ -71,7 +71,7 @@ class LayerwiseSpace(Space[LayerwiseArch]):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "space") -> "LayerwiseSpace":
+    def from_dict(cls, raw: dict[str, Any], where: str = "space") -> LayerwiseSpace:
         errors: list[str] = []
         allowed = {"kind", "name", "num_layers", "hidden", "head_dim", "ops", "embeddings"}
         errors += [f"{k}: unknown key (expected one of {sorted(allowed)})" for k in sorted(set(raw) - allowed)]

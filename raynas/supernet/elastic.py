@@ -30,6 +30,13 @@ def _ln(ln: nn.LayerNorm, d: int) -> Params:
     return {"LayerNorm.weight": ln.weight[:d], "LayerNorm.bias": ln.bias[:d]}
 
 
+def write_views(views: Params, state: Params) -> None:
+    """Copy ``state`` into slices that are views of the full parameters."""
+    for name, view in views.items():
+        if name in state:
+            view.copy_(state[name])
+
+
 @lru_cache(maxsize=256)
 def _head_index(heads: int, head_dim: int, max_head_dim: int) -> Tensor:
     """Rows of the first ``head_dim`` dims of each of the first ``heads`` heads."""
@@ -96,6 +103,18 @@ class ElasticMHA(nn.Module):
         out["dense.bias"] = self.dense.bias[:d]
         out.update(_ln(self.LayerNorm, d))
         return out
+
+    def write_active(self, d: int, spec: MHA, state: Params) -> None:
+        if spec.head_dim == self.largest.head_dim:
+            write_views(self.active_params(d, spec), state)
+            return
+        idx = _head_index(spec.heads, spec.head_dim, self.largest.head_dim).to(self.dense.weight.device)
+        for name in ("query", "key", "value"):
+            lin = getattr(self, name)
+            lin.weight[idx, :d] = state[f"{name}.weight"]
+            lin.bias[idx] = state[f"{name}.bias"]
+        self.dense.weight[:d, idx] = state["dense.weight"]
+        write_views({k: v for k, v in self.active_params(d, spec).items() if not k.startswith(("query", "key", "value", "dense.weight"))}, state)
 
     def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: MHA) -> Tensor:
         p = self.active_params(x.shape[-1], spec)
@@ -177,6 +196,15 @@ class ElasticOpLayer(nn.Module):
 
     def active_params(self, d: int, spec: OpSpec) -> Params:
         return {} if spec.op == "id" else self.ops[spec.slot].active_params(d, spec)
+
+    def write_active(self, d: int, spec: OpSpec, state: Params) -> None:
+        if spec.op == "id":
+            return
+        op = self.ops[spec.slot]
+        if isinstance(op, ElasticMHA):
+            op.write_active(d, spec, state)
+        else:
+            write_views(op.active_params(d, spec), state)
 
 
 class ElasticPooler(nn.Module):

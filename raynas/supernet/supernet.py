@@ -20,7 +20,7 @@ from raynas.models.configuration_raynas import RaynasConfig
 from raynas.models.modeling_raynas import RaynasForMaskedLM, additive_mask
 from raynas.spaces import Space, space_from_dict
 from raynas.spaces.ops import OpSpec
-from raynas.supernet.elastic import ElasticEmbeddings, ElasticMLMHead, ElasticOpLayer, ElasticPooler
+from raynas.supernet.elastic import ElasticEmbeddings, ElasticMLMHead, ElasticOpLayer, ElasticPooler, write_views
 
 Tensor = torch.Tensor
 
@@ -67,7 +67,7 @@ class Supernet(nn.Module):
         self.set_active(self.space.largest())
 
     @classmethod
-    def from_space(cls, space: Space, **kwargs: Any) -> "Supernet":
+    def from_space(cls, space: Space, **kwargs: Any) -> Supernet:
         return cls(SupernetConfig(space=space.to_dict(), **kwargs))
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -156,3 +156,28 @@ class Supernet(nn.Module):
             raise RuntimeError(f"extraction mismatch: missing {missing}, unexpected {unexpected}")
         model.tie_weights()
         return model.eval() if not self.training else model
+
+    @torch.no_grad()
+    def inject(self, model: RaynasForMaskedLM, arch: Any = None) -> None:
+        """Write a standalone model's weights into ``arch``'s slices: the inverse of :meth:`extract`.
+
+        Used to seed the supernet from a teacher (its largest arch) and to write
+        further-trained sub-models back. Weights the model lacks (e.g. an MLM
+        head of an encoder-only teacher) keep their current values.
+        """
+        hidden, ops = self._plan(arch)
+        if model.config.hidden_size != hidden or tuple(model.config.ops) != tuple(ops):
+            raise ConfigError(f"inject: model has hidden={model.config.hidden_size} and {len(model.config.ops)} "
+                              f"op-layers, which is not arch {self.space.format(arch) if arch else self.active_arch}")
+        state = model.state_dict()
+
+        def sub(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        write_views(self.embeddings.active_params(hidden), sub("raynas.embeddings."))
+        for i, (layer, spec) in enumerate(zip(self.layers, ops)):
+            layer.write_active(hidden, spec, sub(f"raynas.layers.{i}."))
+        write_views(self.pooler.active_params(hidden), sub("raynas.pooler."))
+        head = sub("cls.")
+        head.pop("decoder.weight", None)  # tied to the word embeddings
+        write_views(self.cls.active_params(hidden), head)

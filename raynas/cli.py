@@ -1,0 +1,64 @@
+"""The ``raynas`` command: each subcommand is a recipe in ``recipes/``.
+
+``raynas NAME ARGS`` runs ``recipes.NAME.main(ARGS)`` (``python -m recipes.NAME``
+does the same). A :class:`ConfigError` from anywhere becomes one line on
+stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from raynas.errors import ConfigError
+
+# subcommand -> (module, one-line description); order is the order of --help
+RECIPES: dict[str, tuple[str, str]] = {
+    "init": ("recipes.init", "create a supernet folder from a search space, or around a teacher (seeded with its weights)"),
+    "extract": ("recipes.extract", "extract sub-models from a supernet checkpoint into transformers folders"),
+    "bench": ("recipes.bench", "benchmarks (bench supernet: supernet active path vs extracted model step time)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, RECIPES))
+    lines = ["usage: raynas COMMAND [ARGS...]", "", "Neural-architecture search and compression for BERT-family models.",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in RECIPES.items()]
+    lines += ["", "Run 'raynas COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run_recipe(main: Callable[[Sequence[str]], int | None], argv: Sequence[str], prog: str) -> int:
+    """Run a recipe's ``main``; bad input -> one message and exit 2."""
+    try:
+        return int(main(list(argv)) or 0)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        from raynas import __version__
+
+        print(f"raynas {__version__}")
+        return 0
+    name = args[0]
+    if name not in RECIPES:
+        print(f"raynas: error: unknown command {name!r} (choose from {', '.join(RECIPES)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(RECIPES[name][0])
+    return run_recipe(module.main, args[1:], f"raynas {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Result tables: Arrow with a declared schema, written atomically as Parquet.
+
+Every recipe that produces rows (benchmarks, extraction, later search trials)
+writes through here, so a crash never leaves a truncated file and pandas can
+read any of them with ``pd.read_parquet``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raynas.errors import ConfigError
+
+
+def to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> table; a missing or extra column is a bug in the caller, so it raises."""
+    rows = list(rows)
+    for i, row in enumerate(rows):
+        extra = set(row) - set(schema.names)
+        if extra:
+            raise ValueError(f"row {i}: columns {sorted(extra)} are not in the schema")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def read_column(path: str | os.PathLike, column: str) -> list[Any]:
+    """One column of a Parquet table, with a clear error naming file and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        schema = pq.read_schema(p)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"{p}: not a readable Parquet file ({exc})") from None
+    if column not in schema.names:
+        raise ConfigError(f"{p}: no column {column!r} (columns: {', '.join(schema.names)})")
+    return pq.read_table(p, columns=[column]).column(column).to_pylist()

