@@ -105,3 +105,11 @@ def test_extract_names_a_missing_column(supernet_dir, tmp_path, capsys):
 def test_unknown_command_exits_2(capsys):
     code, _, err = run(capsys, "frobnicate")
     assert code == 2 and "unknown command" in err
+
+
+def test_malformed_space_yaml_from_the_cli(tmp_path, capsys):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("kind: homogeneous\nlayers: {min: 1, max: 8}\nhidden: {min: 128, max: 767, step: 4}\n")
+    code, _, err = run(capsys, "init", "--space", str(bad), "--out", str(tmp_path / "s"))
+    assert code == 2 and str(bad) in err and "hidden" in err and "ffn: missing" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()

@@ -10,6 +10,7 @@ extracted model cannot drift from the supernet's active path.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +27,47 @@ def _wb(p: Params, name: str) -> tuple[Tensor, Tensor]:
     return p[f"{name}.weight"], p[f"{name}.bias"]
 
 
+class _Corner(torch.autograd.Function):
+    """``w[:s0, :s1, ...]`` whose backward writes the full-size gradient in one pass.
+
+    The forward returns the very view plain slicing returns, so outputs are
+    bit-identical. Autograd's own backward runs one SliceBackward per sliced
+    dim, each allocating a zero-filled buffer and copying into it: for a 2-D
+    ``w[:r, :c]`` that is an extra ``r x max`` buffer, and every element of the
+    full gradient written twice. Here the gradient lands in its corner once and
+    only the rest is zeroed; measured with ``raynas bench supernet``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, *sizes: int) -> Tensor:
+        ctx.shape = w.shape
+        return w[tuple(slice(0, s) for s in sizes)]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        full = grad.new_empty(ctx.shape)
+        sizes = grad.shape
+        full[tuple(slice(0, s) for s in sizes)] = grad
+        for k, (s, n) in enumerate(zip(sizes, ctx.shape, strict=True)):
+            if s < n:  # rows [:s0, ..., :s(k-1), sk:]: the complement, in disjoint blocks
+                full[(*(slice(0, t) for t in sizes[:k]), slice(s, None))].zero_()
+        return (full, *([None] * len(sizes)))
+
+
+def _corner(w: Tensor, *sizes: int) -> Tensor:
+    """``w[:sizes[0], :sizes[1], ...]`` (leading dims; the rest whole), cheap to differentiate.
+
+    :class:`_Corner` only where two or more dims are cut and autograd is on;
+    otherwise (extraction, :func:`write_views`) the plain slice.
+    """
+    cut = [s < n for s, n in zip(sizes, w.shape, strict=False)]
+    if sum(cut) > 1 and torch.is_grad_enabled() and w.requires_grad:
+        return _Corner.apply(w, *sizes)
+    return w[tuple(slice(0, s) for s in sizes)]  # one SliceBackward at most: autograd's own is as cheap
+
+
 def _ln(ln: nn.LayerNorm, d: int) -> Params:
-    return {"LayerNorm.weight": ln.weight[:d], "LayerNorm.bias": ln.bias[:d]}
+    return {"LayerNorm.weight": _corner(ln.weight, d), "LayerNorm.bias": _corner(ln.bias, d)}
 
 
 def write_views(views: Params, state: Params) -> None:
@@ -54,9 +94,11 @@ class ElasticEmbeddings(nn.Module):
 
     def active_params(self, d: int) -> Params:
         return {
-            "word_embeddings.weight": self.word_embeddings.weight[:, :d],
-            "position_embeddings.weight": self.position_embeddings.weight[:, :d],
-            "token_type_embeddings.weight": self.token_type_embeddings.weight[:, :d],
+            "word_embeddings.weight": _corner(self.word_embeddings.weight, self.word_embeddings.num_embeddings, d),
+            "position_embeddings.weight": _corner(
+                self.position_embeddings.weight, self.position_embeddings.num_embeddings, d),
+            "token_type_embeddings.weight": _corner(
+                self.token_type_embeddings.weight, self.token_type_embeddings.num_embeddings, d),
             **_ln(self.LayerNorm, d),
         }
 
@@ -91,8 +133,8 @@ class ElasticMHA(nn.Module):
             rows = spec.inner
             for name in ("query", "key", "value"):
                 lin = getattr(self, name)
-                out[f"{name}.weight"], out[f"{name}.bias"] = lin.weight[:rows, :d], lin.bias[:rows]
-            out["dense.weight"] = self.dense.weight[:d, :rows]
+                out[f"{name}.weight"], out[f"{name}.bias"] = _corner(lin.weight, rows, d), _corner(lin.bias, rows)
+            out["dense.weight"] = _corner(self.dense.weight, d, rows)
         else:
             idx = _head_index(spec.heads, spec.head_dim, self.largest.head_dim).to(self.dense.weight.device)
             for name in ("query", "key", "value"):
@@ -100,7 +142,7 @@ class ElasticMHA(nn.Module):
                 out[f"{name}.weight"] = lin.weight[:, :d].index_select(0, idx)
                 out[f"{name}.bias"] = lin.bias.index_select(0, idx)
             out["dense.weight"] = self.dense.weight[:d].index_select(1, idx)
-        out["dense.bias"] = self.dense.bias[:d]
+        out["dense.bias"] = _corner(self.dense.bias, d)
         out.update(_ln(self.LayerNorm, d))
         return out
 
@@ -134,8 +176,9 @@ class ElasticFFN(nn.Module):
     def active_params(self, d: int, spec: FFN) -> Params:
         f = spec.inner
         return {
-            "intermediate.weight": self.intermediate.weight[:f, :d], "intermediate.bias": self.intermediate.bias[:f],
-            "output.weight": self.output.weight[:d, :f], "output.bias": self.output.bias[:d],
+            "intermediate.weight": _corner(self.intermediate.weight, f, d),
+            "intermediate.bias": _corner(self.intermediate.bias, f),
+            "output.weight": _corner(self.output.weight, d, f), "output.bias": _corner(self.output.bias, d),
             **_ln(self.LayerNorm, d),
         }
 
@@ -160,9 +203,9 @@ class ElasticSepConv(nn.Module):
     def active_params(self, d: int, spec: SepConv) -> Params:
         c = spec.inner
         return {
-            "in_proj.weight": self.in_proj.weight[:c, :d], "in_proj.bias": self.in_proj.bias[:c],
-            "conv.weight": self.conv.weight[:c], "conv.bias": self.conv.bias[:c],
-            "out_proj.weight": self.out_proj.weight[:d, :c], "out_proj.bias": self.out_proj.bias[:d],
+            "in_proj.weight": _corner(self.in_proj.weight, c, d), "in_proj.bias": _corner(self.in_proj.bias, c),
+            "conv.weight": _corner(self.conv.weight, c), "conv.bias": _corner(self.conv.bias, c),
+            "out_proj.weight": _corner(self.out_proj.weight, d, c), "out_proj.bias": _corner(self.out_proj.bias, d),
             **_ln(self.LayerNorm, d),
         }
 
@@ -213,7 +256,7 @@ class ElasticPooler(nn.Module):
         self.dense = nn.Linear(d_max, d_max)
 
     def active_params(self, d: int) -> Params:
-        return {"dense.weight": self.dense.weight[:d, :d], "dense.bias": self.dense.bias[:d]}
+        return {"dense.weight": _corner(self.dense.weight, d, d), "dense.bias": _corner(self.dense.bias, d)}
 
     def forward(self, h: Tensor) -> Tensor:
         p = self.active_params(h.shape[-1])
@@ -231,7 +274,8 @@ class ElasticMLMHead(nn.Module):
         self.eps = eps
 
     def active_params(self, d: int) -> Params:
-        return {"dense.weight": self.dense.weight[:d, :d], "dense.bias": self.dense.bias[:d], **_ln(self.LayerNorm, d),
+        return {"dense.weight": _corner(self.dense.weight, d, d), "dense.bias": _corner(self.dense.bias, d),
+                **_ln(self.LayerNorm, d),
                 "bias": self.bias}
 
     def forward(self, h: Tensor, decoder: Tensor) -> Tensor:

@@ -1,0 +1,132 @@
+"""raynas bench: benchmarks.
+
+    raynas bench supernet                                  # 8 archs of autotinybert-mlm, batch 8 x 128
+    raynas bench supernet --space nas-bert --archs 6
+    raynas bench supernet --supernet runs/supernet --threads 4 --out runs/bench/mine.parquet
+
+``supernet`` times one MLM training step (zero_grad, forward, backward) of a
+supernet's active path against the extracted standalone model on the same
+batch, for archs sampled from the space, and reports the ratio of the two
+(1.0: weight sharing costs nothing per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from raynas.cli import run_recipe
+from raynas.errors import ConfigError
+from raynas.tables import to_table, write_parquet
+
+DEFAULT_SPACE = "autotinybert-mlm"
+SUPERNET_SCHEMA = pa.schema([
+    ("arch", pa.string()), ("params", pa.int64()), ("supernet_ms", pa.float64()), ("extracted_ms", pa.float64()),
+    ("ratio", pa.float64()), ("batch", pa.int32()), ("seq_len", pa.int32()), ("threads", pa.int32()),
+    ("space", pa.string()),
+])
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raynas bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run 'raynas bench BENCHMARK --help' for a benchmark's options.")
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    s = sub.add_parser(
+        "supernet", help="training-step time: supernet active path vs the extracted model",
+        description="Time one MLM training step (zero_grad, forward with labels, backward) of the supernet's "
+                    "active path and of the extracted standalone model, on the same seeded random batch, in train "
+                    "mode, interleaved (warmup steps, then REPEATS rounds alternating which model goes first). "
+                    "Prints one progress line per arch on stderr, then a table and the median ratio "
+                    "supernet_ms / extracted_ms on stdout, and writes the table as Parquet.",
+    )
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--space", help=f"search space: a shipped name or a YAML path (default: {DEFAULT_SPACE}); "
+                                     "the supernet is randomly initialised from it (seeded by --seed)")
+    src.add_argument("--supernet", metavar="DIR", help="load this saved supernet folder instead (its own space)")
+    s.add_argument("--archs", type=int, default=8, metavar="N", help="archs sampled from the space (default: 8)")
+    s.add_argument("--batch", type=int, default=8, help="sequences per batch (default: 8)")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    s.add_argument("--repeats", type=int, default=5, help="timed steps per model and arch; the median counts (default: 5)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed steps per model and arch first (default: 1)")
+    s.add_argument("--seed", type=int, default=0, help="seeds arch sampling, the batch and the random init (default: 0)")
+    s.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    s.add_argument("--out", default="runs/bench/supernet.parquet",
+                   help="Parquet table to write (default: runs/bench/supernet.parquet)")
+    s.set_defaults(run=bench_supernet)
+    return p.parse_args(argv)
+
+
+def _positive(args: argparse.Namespace, *names: str, least: int = 1) -> None:
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < least:
+            what = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise ConfigError(f"--{name}: expected {what}, got {value}")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as aligned text, widest arch first column."""
+    head = ("arch", "params", "supernet_ms", "extracted_ms", "ratio")
+    cells = [(r["arch"], f"{r['params']:,}", f"{r['supernet_ms']:.1f}", f"{r['extracted_ms']:.1f}", f"{r['ratio']:.3f}")
+             for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *cells, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths, strict=True)))
+             for line in (head, *cells)]
+    return "\n".join(lines)
+
+
+def bench_supernet(args: argparse.Namespace) -> int:
+    _positive(args, "archs", "batch", "seq-len", "repeats", "threads")
+    _positive(args, "warmup", least=0)
+    import torch
+
+    from raynas.benchmarks import bench_step_time
+    from raynas.spaces import load_space
+    from raynas.supernet import Supernet, load_supernet
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.supernet is not None:
+        if not Path(args.supernet).is_dir():
+            raise ConfigError(f"--supernet {args.supernet}: no such folder")
+        net = load_supernet(args.supernet)
+    else:
+        space = load_space(args.space or DEFAULT_SPACE)
+        torch.manual_seed(args.seed)
+        net = Supernet.from_space(space)
+    space = net.space
+    if args.seq_len > space.embeddings.max_position_embeddings:
+        raise ConfigError(f"--seq-len: {args.seq_len} exceeds the space's max_position_embeddings "
+                          f"{space.embeddings.max_position_embeddings}")
+    rng = random.Random(args.seed)
+    archs = [space.sample(rng) for _ in range(args.archs)]
+    print(f"space {space.name}: {len(archs)} archs, batch {args.batch} x {args.seq_len}, {args.repeats} repeats "
+          f"after {args.warmup} warmup, {torch.get_num_threads()} threads", file=sys.stderr, flush=True)
+
+    def progress(i: int, row: dict[str, Any]) -> None:
+        print(f"[{i}/{len(archs)}] {row['arch']}  {row['params']:,} params  supernet {row['supernet_ms']:.1f} ms  "
+              f"extracted {row['extracted_ms']:.1f} ms  ratio {row['ratio']:.3f}", file=sys.stderr, flush=True)
+
+    rows = bench_step_time(net, archs, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats,
+                           warmup=args.warmup, seed=args.seed, progress=progress)
+    out = write_parquet(to_table(rows, SUPERNET_SCHEMA), args.out)
+    print(format_table(rows))
+    print(f"median ratio (supernet / extracted): {statistics.median(r['ratio'] for r in rows):.3f} over {len(rows)} archs")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe(main, sys.argv[1:], "raynas bench"))
