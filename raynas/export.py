@@ -11,8 +11,6 @@ a half-written model where a finished one is expected.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
+from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError
 from raynas.models.configuration_raynas import RaynasConfig
 from raynas.models.modeling_raynas import RaynasForMaskedLM
@@ -144,12 +143,7 @@ def export_model(
     bert_if_possible: bool = True,
 ) -> Exported:
     """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir``, atomically."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         converted = to_bert(model) if bert_if_possible else None
         if converted is not None:
             bert, state = converted
@@ -160,10 +154,5 @@ def export_model(
             model_type = "raynas"
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = Path(out_dir)
     return Exported(out, model_type, sum(p.numel() for p in model.parameters()))

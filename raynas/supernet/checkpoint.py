@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError
 from raynas.supernet.supernet import Supernet, SupernetConfig
 
@@ -25,12 +24,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "supernet.json", "model.safetensors",
 
 
 def save_supernet(net: Supernet, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = True) -> Path:
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out}: already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(path, overwrite) as tmp:
         meta = {"format": FORMAT, "version": VERSION, "config": net.config.to_dict(),
                 "active_arch": str(net.active_arch)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -38,13 +32,7 @@ def save_supernet(net: Supernet, path: str | os.PathLike, tokenizer: Any = None,
                   metadata={"format": FORMAT})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(path)
 
 
 def load_supernet(path: str | os.PathLike) -> Supernet:
