@@ -117,3 +117,12 @@ def test_sequence_classification_forward_and_loss(tmp_path):
     ids, mask = batch()
     out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1]))
     assert out.logits.shape == (3, 2) and torch.isfinite(out.loss)
+
+
+def test_padding_row_starts_zero_and_lookup_sends_it_no_gradient():
+    net = tiny_supernet("mlm").train()
+    assert net.embeddings.word_embeddings.weight[0].abs().sum() == 0
+    ids, mask = batch()
+    net(ids, mask).last_hidden_state.sum().backward()  # lookup only: the tied decoder is not used
+    grad = net.embeddings.word_embeddings.weight.grad
+    assert grad[0].abs().sum() == 0 and grad[ids[0, 0]].abs().sum() > 0

@@ -64,6 +64,9 @@ class Supernet(nn.Module):
         self.pooler = ElasticPooler(d_max)
         self.cls = ElasticMLMHead(d_max, shape.vocab_size, eps)
         self.apply(self._init_weights)
+        if config.pad_token_id is not None:  # as BERT: the padding row starts at zero
+            with torch.no_grad():
+                self.embeddings.word_embeddings.weight[config.pad_token_id].zero_()
         self.set_active(self.space.largest())
 
     @classmethod
