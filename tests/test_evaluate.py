@@ -56,6 +56,16 @@ def test_bad_task_or_missing_file_exits_2_before_ray(tmp_path, capsys, args, nee
     assert not (tmp_path / "o").exists()
 
 
+def test_wrong_column_layout_exits_2_naming_the_file(tmp_path, capsys):
+    model = _bert_dir(tmp_path / "m")
+    data = _write_sst2(tmp_path / "glue", train=8, dev=8)
+    (data / "SST-2" / "dev.tsv").write_text("text\tpolarity\nfine movie\t1\n")
+    code = main(["evaluate", "--models", str(model), "--tasks", "sst2", "--data-dir", str(data),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "dev.tsv" in err and "Traceback" not in err
+
+
 def test_unknown_config_key_exits_2(tmp_path, capsys):
     code = main(["evaluate", "--models", "m", "--tasks", "sst2", "serach.lr=[1]"])
     assert code == 2 and "serach: unknown key" in capsys.readouterr().err

@@ -151,7 +151,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> list[dict[str, An
 
 def preflight(cfg: SweepConfig) -> list[str]:
     """Check tasks, data files and models in the driver, before any Ray worker starts; canonical task names."""
-    from raynas.evaluation.tasks import canonical_task, task_file
+    from raynas.evaluation.tasks import canonical_task, load_task_split
     from raynas.teachers import resolve_teacher
 
     if not cfg.models or not cfg.tasks:
@@ -160,9 +160,7 @@ def preflight(cfg: SweepConfig) -> list[str]:
     if cfg.data_dir is not None:
         for task in tasks:
             for split in (cfg.fixed.get("train_split", "train"), cfg.fixed.get("eval_split", "validation")):
-                path = task_file(task, split, cfg.data_dir)
-                if not path.is_file():
-                    raise ConfigError(f"task {task}: no such file {path.absolute()}")
+                load_task_split(task, split, cfg.data_dir)  # names the file on a missing file, bad layout or label
     for model in [*cfg.models, *cfg.teachers.values()]:
         resolve_teacher(model)
     return tasks
