@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,11 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(Recipe, None, ["models"])
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(Recipe, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("recipes/configs/evaluate-*.yaml")))
+def test_shipped_evaluate_configs_validate(path):
+    from recipes.evaluate import EvaluateConfig
+
+    cfg = load_config(EvaluateConfig, path)
+    assert cfg.tasks and cfg.out
