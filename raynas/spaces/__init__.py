@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from raynas.config_loading import read_yaml
 from raynas.errors import ConfigError
 from raynas.spaces.base import Choice, EmbeddingShape, Space
 from raynas.spaces.homogeneous import HomogeneousSpace, TinyArch
@@ -47,14 +46,7 @@ def load_space(name_or_path: str | Path, overrides: dict[str, Any] | None = None
     path = BUILTIN_DIR / f"{text}.yaml" if text in builtin_spaces() else Path(text)
     if not path.is_file():
         raise ConfigError(f"space {text!r}: no such file, and not a shipped space ({', '.join(builtin_spaces())})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    if isinstance(raw, dict) and overrides:
+    raw = read_yaml(path)
+    if overrides:
         raw = {**raw, **overrides}
     return space_from_dict(raw, where=str(path))
