@@ -1,6 +1,6 @@
 """raynas extract: supernet checkpoint + archs -> transformers model folders.
 
-    raynas extract --supernet runs/supernet --arch 5-564-1054-8-512 --out models/
+    raynas extract --supernet runs/supernet --arch 5-564-1052-8-512 --out models/
     raynas extract --supernet runs/supernet --archs search.parquet --column arch --limit 4 --out models/
 
 Every arch is validated before anything is written; each folder is written
@@ -34,7 +34,7 @@ SCHEMA = pa.schema([
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raynas extract", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--supernet", required=True, help="supernet folder (supernet.json + model.safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arch", action="append", help="arch string; repeat for several")
