@@ -1,0 +1,28 @@
+"""Supernet training, the pure-torch parts: losses, teacher caching and arch samplers.
+
+The Ray Train / DeepSpeed adapters (later) drive these; nothing here imports them.
+"""
+
+from raynas.training.objectives import (
+    HiddenDistillation,
+    SupernetObjective,
+    TeacherCache,
+    TeacherOutput,
+    logits_distillation,
+    mlm_loss,
+)
+from raynas.training.sampling import (
+    SAMPLERS,
+    ArchSampler,
+    BatchwiseSampler,
+    SandwichSampler,
+    UniformSampler,
+    build_sampler,
+    size_class,
+)
+
+__all__ = [
+    "SAMPLERS", "ArchSampler", "BatchwiseSampler", "HiddenDistillation", "SandwichSampler", "SupernetObjective",
+    "TeacherCache", "TeacherOutput", "UniformSampler", "build_sampler", "logits_distillation", "mlm_loss",
+    "size_class",
+]

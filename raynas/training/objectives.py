@@ -1,0 +1,251 @@
+"""Losses for training a supernet: masked LM, and distillation from a frozen teacher.
+
+Pure torch (no Ray, no DeepSpeed): the distributed adapters call these per
+sub-model. A *batch* is a mapping with ``input_ids`` and optionally
+``attention_mask``, ``token_type_ids``, ``position_ids`` and ``labels`` (MLM
+labels, -100 where a token is not predicted).
+
+Attention-map distillation (TinyBERT / AutoTinyBERT-KD) is not here: it needs the
+attention probabilities of every layer, which neither the supernet nor the
+exported model exposes yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raynas.errors import ConfigError, require
+
+Tensor = torch.Tensor
+Batch = Mapping[str, Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+MODES = ("mlm", "kd")
+LOGIT_POSITIONS = ("masked", "all")
+
+
+def _zero(like: Tensor) -> Tensor:
+    """A zero that keeps the graph, so a batch with nothing to score still backprops cleanly."""
+    return like.sum() * 0.0
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over labelled tokens (label -100 is ignored).
+
+    Returns a graph-connected 0 instead of NaN when no token is labelled, so a
+    short batch cannot poison the accumulated gradient.
+    """
+    if not bool((labels != -100).any()):
+        return _zero(logits)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class HiddenDistillation(nn.Module):
+    """MSE between the student's last hidden state and the teacher's, over real tokens only.
+
+    Widths: with ``project`` (the default when ``student_max != teacher``) a
+    learned ``nn.Linear(student_max, teacher)`` maps student -> teacher. The
+    student's width ``d_s`` changes with every sampled sub-model, and a supernet
+    sub-model's hidden features are the *first* ``d_s`` of the largest one, so one
+    projection is shared by all of them and a sub-model uses its first ``d_s``
+    input columns (``weight[:, :d_s]``): every sub-model trains the same
+    projection, which stays consistent with the shared embeddings.
+
+    Without a projection a narrower student is compared with the teacher's first
+    ``d_s`` features: the same weight-sharing convention, right when the supernet
+    was seeded from the teacher (its largest sub-model *is* the teacher).
+    """
+
+    def __init__(self, student_max: int, teacher: int, project: bool | None = None) -> None:
+        super().__init__()
+        require(student_max > 0 and teacher > 0, f"hidden widths must be positive, got {student_max} and {teacher}")
+        self.student_max, self.teacher = student_max, teacher
+        if project is None:
+            project = student_max != teacher
+        require(project or student_max <= teacher,
+                f"a student wider than the teacher ({student_max} > {teacher}) needs a projection")
+        self.proj: nn.Linear | None = nn.Linear(student_max, teacher) if project else None
+
+    def forward(self, student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        d_s = student.shape[-1]
+        if d_s > self.student_max:
+            raise ValueError(f"student width {d_s} exceeds the projection's {self.student_max}")
+        if self.proj is not None:
+            student = F.linear(student, self.proj.weight[:, :d_s], self.proj.bias)
+        else:
+            teacher = teacher[..., :d_s]
+        err = (student - teacher.to(student.dtype)).pow(2).mean(-1)  # [B, T]
+        if attention_mask is None:
+            return err.mean()
+        keep = attention_mask.to(err.dtype)
+        if not bool(keep.any()):
+            return _zero(err)
+        return (err * keep).sum() / keep.sum()
+
+
+def logits_distillation(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """KL(teacher || student) of the softened MLM distributions, times T^2, mean over ``mask`` positions.
+
+    KL rather than soft cross-entropy: same gradient, but 0 when the two agree,
+    which makes the logged number readable. T^2 keeps the gradient scale
+    independent of the temperature (Hinton et al.).
+    """
+    require(temperature > 0, f"temperature must be positive, got {temperature}")
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.reshape(-1, v) / temperature, -1)
+    t = F.log_softmax(teacher_logits.reshape(-1, v).to(s.dtype) / temperature, -1)
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        if not bool(keep.any()):
+            return _zero(student_logits)
+        s, t = s[keep], t[keep]
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+@dataclass
+class TeacherOutput:
+    last_hidden_state: Tensor
+    logits: Tensor | None = None
+
+    @classmethod
+    def detached(cls, out: Any) -> TeacherOutput:
+        """From a model output (e.g. the supernet's largest arch): targets for in-place distillation."""
+        logits = getattr(out, "logits", None)
+        return cls(_last_hidden(out).detach(), None if logits is None else logits.detach())
+
+
+def _last_hidden(out: Any) -> Tensor:
+    hidden = getattr(out, "hidden_states", None)
+    if hidden:
+        return hidden[-1]
+    last = getattr(out, "last_hidden_state", None)
+    if last is None:
+        raise ValueError(f"{type(out).__name__} has neither hidden_states nor last_hidden_state")
+    return last
+
+
+def model_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The batch entries a model's forward takes (labels stay out: the loss is ours)."""
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+class TeacherCache:
+    """A frozen teacher whose outputs are computed once per batch.
+
+    Every sub-model sampled for a batch distils from the same teacher outputs,
+    so the cache keys on the batch *object* (``is``; it keeps a reference, so the
+    identity cannot be recycled). Works with a transformers ``*ForMaskedLM`` (last
+    entry of ``hidden_states``) and with raynas models and supernets.
+    """
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.calls = 0
+        self._batch: Batch | None = None
+        self._out: TeacherOutput | None = None
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> TeacherOutput:
+        if self._out is not None and batch is self._batch:
+            return self._out
+        out = self.teacher(**model_inputs(batch), output_hidden_states=True)
+        self.calls += 1
+        self._batch, self._out = batch, TeacherOutput(_last_hidden(out), getattr(out, "logits", None))
+        return self._out
+
+    def clear(self) -> None:
+        self._batch = self._out = None
+
+
+class SupernetObjective(nn.Module):
+    """The loss of one sub-model (the supernet's active arch) on one batch.
+
+    ``mlm``: MLM loss times ``mlm_weight`` (default 1), plus ``logits_weight`` times
+    logits distillation when a ``teacher_out`` is given (in-place distillation from
+    the largest sub-model, as the sandwich rule does).
+    ``kd``: ``hidden_weight`` x :class:`HiddenDistillation` + ``logits_weight`` x
+    logits distillation + ``mlm_weight`` x MLM, against ``teacher_out`` or, when none
+    is passed, the :class:`TeacherCache` given here.
+
+    It is a module so the projection's parameters go to the optimizer with
+    ``objective.parameters()``. Attention-map distillation is left out: the
+    models do not expose attention probabilities yet.
+    """
+
+    def __init__(
+        self,
+        mode: str = "mlm",
+        *,
+        student_width: int | None = None,
+        teacher_width: int | None = None,
+        hidden_weight: float = 1.0,
+        logits_weight: float = 0.0,
+        mlm_weight: float | None = None,
+        temperature: float = 1.0,
+        logits_positions: str = "masked",
+        teacher: TeacherCache | None = None,
+        project: bool | None = None,
+    ) -> None:
+        super().__init__()
+        require(mode in MODES, f"mode: unknown objective {mode!r} (expected one of {list(MODES)})")
+        require(logits_positions in LOGIT_POSITIONS,
+                f"logits_positions: expected one of {list(LOGIT_POSITIONS)}, got {logits_positions!r}")
+        if mlm_weight is None:
+            mlm_weight = 1.0 if mode == "mlm" else 0.0
+        if mode == "mlm":
+            hidden_weight = 0.0
+        for name, w in (("hidden_weight", hidden_weight), ("logits_weight", logits_weight), ("mlm_weight", mlm_weight)):
+            require(w >= 0, f"{name} must be >= 0, got {w}")
+        require(hidden_weight + logits_weight + mlm_weight > 0, "objective: every loss weight is 0")
+        require(temperature > 0, f"temperature must be positive, got {temperature}")
+        self.mode, self.temperature, self.logits_positions = mode, temperature, logits_positions
+        self.hidden_weight, self.logits_weight, self.mlm_weight = hidden_weight, logits_weight, mlm_weight
+        self.teacher = teacher
+        self.hidden: HiddenDistillation | None = None
+        if hidden_weight > 0:
+            if student_width is None or teacher_width is None:
+                raise ConfigError("kd with hidden_weight > 0 needs student_width (the supernet's max hidden) "
+                                  "and teacher_width")
+            self.hidden = HiddenDistillation(student_width, teacher_width, project)
+
+    def forward(self, net: nn.Module, batch: Batch, teacher_out: TeacherOutput | None = None
+                ) -> tuple[Tensor, dict[str, float]]:
+        out = net(**model_inputs(batch), output_hidden_states=False)
+        if teacher_out is None and self.mode == "kd":
+            if self.teacher is None:
+                raise ConfigError("kd objective: pass teacher_out or build the objective with a TeacherCache")
+            teacher_out = self.teacher(batch)
+        labels = batch.get("labels")
+        terms: dict[str, Tensor] = {}
+        if self.mlm_weight > 0:
+            if labels is None:
+                raise ConfigError("the MLM loss needs 'labels' in the batch")
+            terms["mlm"] = self.mlm_weight * mlm_loss(out.logits, labels)
+        if self.hidden is not None and teacher_out is not None:
+            terms["hidden"] = self.hidden_weight * self.hidden(
+                out.last_hidden_state, teacher_out.last_hidden_state, batch.get("attention_mask"))
+        if self.logits_weight > 0 and teacher_out is not None:
+            if teacher_out.logits is None:
+                raise ConfigError("logits distillation: the teacher gave no logits (use a *ForMaskedLM teacher)")
+            terms["logits"] = self.logits_weight * logits_distillation(
+                out.logits, teacher_out.logits, self.temperature, self._positions(batch))
+        if not terms:  # mlm mode with only in-place terms and no teacher_out: nothing to score
+            raise ConfigError("objective: no loss term applies (in-place distillation needs teacher_out)")
+        loss = torch.stack(list(terms.values())).sum()
+        metrics = {name: float(v.detach()) for name, v in terms.items()}
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def _positions(self, batch: Batch) -> Tensor | None:
+        """Where logits are distilled: the MLM-masked tokens, or every real token."""
+        labels = batch.get("labels")
+        if self.logits_positions == "masked" and labels is not None:
+            return labels != -100
+        return batch.get("attention_mask")
