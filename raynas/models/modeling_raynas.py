@@ -55,18 +55,34 @@ def embed_op(
 def mha_op(
     x: Tensor, mask: Tensor | None, q: WB, k: WB, v: WB, o: WB, ln: WB,
     heads: int, head_dim: int, eps: float, attn_dropout: float, dropout: float, training: bool,
-) -> Tensor:
+    return_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Post-LN self-attention block. ``mask``: additive, broadcastable to ``[B, heads, T, T]``.
+
+    ``return_probs=False`` runs SDPA and returns the block output. ``return_probs=True``
+    computes the attention explicitly (as BERT's eager path) and returns
+    ``(output, probs)``, ``probs`` ``[B, heads, T, T]`` before attention dropout,
+    differentiable, for attention-map distillation.
+    """
     b, t, _ = x.shape
 
     def split(w: WB) -> Tensor:
         return F.linear(x, *w).view(b, t, heads, head_dim).transpose(1, 2)
 
-    ctx = F.scaled_dot_product_attention(
-        split(q), split(k), split(v), attn_mask=mask, dropout_p=attn_dropout if training else 0.0
-    )
+    p_drop = attn_dropout if training else 0.0
+    if return_probs:
+        qh, kh, vh = split(q), split(k), split(v)
+        scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * head_dim**-0.5
+        if mask is not None:
+            scores = scores + mask.float()
+        probs = torch.softmax(scores, dim=-1).to(vh.dtype)
+        ctx = torch.matmul(F.dropout(probs, p_drop, training), vh)
+    else:
+        ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=p_drop)
     ctx = ctx.transpose(1, 2).reshape(b, t, heads * head_dim)
     out = F.dropout(F.linear(ctx, *o), dropout, training)
-    return F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+    out = F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+    return (out, probs) if return_probs else out
 
 
 def ffn_op(x: Tensor, inner: WB, outer: WB, ln: WB, eps: float, dropout: float, training: bool) -> Tensor:
@@ -124,10 +140,14 @@ class RaynasAttention(nn.Module):
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.eps, self.p_attn, self.p = config.layer_norm_eps, config.attention_probs_dropout_prob, config.hidden_dropout_prob
 
-    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, keep: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The block output; ``(output, probs [B, heads, T, T])`` when ``output_attentions``."""
         return mha_op(
             x, mask, _wb(self.query), _wb(self.key), _wb(self.value), _wb(self.dense), _wb(self.LayerNorm),
             self.spec.heads, self.spec.head_dim, self.eps, self.p_attn, self.p, self.training,
+            return_probs=output_attentions,
         )
 
 
@@ -234,17 +254,28 @@ class RaynasModel(RaynasPreTrainedModel):
         position_ids: Tensor | None = None,
         output_hidden_states: bool = False,
         return_dict: bool = True,
+        output_attentions: bool = False,
         **kwargs: object,
     ) -> BaseModelOutputWithPooling:
+        """``output_attentions=True``: ``attentions`` holds one ``[B, heads, T, T]`` tensor of
+        attention probabilities (before dropout) per MHA op-layer, in layer order; other ops
+        (FFN, conv, identity) contribute nothing, so its length is the number of MHA layers,
+        not ``len(config.layers)``. Computed explicitly instead of by SDPA (same result).
+        """
         h = self.embeddings(input_ids, token_type_ids, position_ids)
         mask = additive_mask(attention_mask, h.dtype)
-        states = [h]
+        states, attentions = [h], []
         for layer in self.layers:
-            h = layer(h, mask, attention_mask)
+            if output_attentions and isinstance(layer, RaynasAttention):
+                h, probs = layer(h, mask, attention_mask, output_attentions=True)
+                attentions.append(probs)
+            else:
+                h = layer(h, mask, attention_mask)
             states.append(h)
         pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutputWithPooling(
-            last_hidden_state=h, pooler_output=pooled, hidden_states=tuple(states) if output_hidden_states else None
+            last_hidden_state=h, pooler_output=pooled, hidden_states=tuple(states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
 
 
@@ -253,6 +284,7 @@ class RaynasForMaskedLM(RaynasPreTrainedModel):
 
     Extraction builds it with ``add_pooling_layer=True`` so that an export also
     carries the supernet's pooler for ``AutoModel`` / sequence classification.
+    ``output_attentions``: as :meth:`RaynasModel.forward` (one tensor per MHA op-layer).
     """
 
     _tied_weights_keys = {"cls.decoder.weight": "raynas.embeddings.word_embeddings.weight"}
@@ -272,13 +304,14 @@ class RaynasForMaskedLM(RaynasPreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, output_hidden_states: bool = False,
-                return_dict: bool = True, **kwargs: object) -> MaskedLMOutput:
-        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                return_dict: bool = True, output_attentions: bool = False, **kwargs: object) -> MaskedLMOutput:
+        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                          output_attentions=output_attentions)
         logits = self.cls(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class RaynasForSequenceClassification(RaynasPreTrainedModel):
@@ -293,8 +326,9 @@ class RaynasForSequenceClassification(RaynasPreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None, output_hidden_states: bool = False,
-                return_dict: bool = True, **kwargs: object) -> SequenceClassifierOutput:
-        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                return_dict: bool = True, output_attentions: bool = False, **kwargs: object) -> SequenceClassifierOutput:
+        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                          output_attentions=output_attentions)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = None
         if labels is not None:
@@ -311,7 +345,7 @@ class RaynasForSequenceClassification(RaynasPreTrainedModel):
                 loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class RaynasForQuestionAnswering(RaynasPreTrainedModel):
@@ -324,8 +358,9 @@ class RaynasForQuestionAnswering(RaynasPreTrainedModel):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, start_positions: Tensor | None = None,
                 end_positions: Tensor | None = None, output_hidden_states: bool = False,
-                return_dict: bool = True, **kwargs: object) -> QuestionAnsweringModelOutput:
-        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                return_dict: bool = True, output_attentions: bool = False, **kwargs: object) -> QuestionAnsweringModelOutput:
+        out = self.raynas(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                          output_attentions=output_attentions)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None
@@ -333,4 +368,5 @@ class RaynasForQuestionAnswering(RaynasPreTrainedModel):
             ignored = start.size(1)
             loss_fct = CrossEntropyLoss(ignore_index=ignored)
             loss = (loss_fct(start, start_positions.clamp(0, ignored)) + loss_fct(end, end_positions.clamp(0, ignored))) / 2
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end,
+                                            hidden_states=out.hidden_states, attentions=out.attentions)

@@ -158,11 +158,14 @@ class ElasticMHA(nn.Module):
         self.dense.weight[:d, idx] = state["dense.weight"]
         write_views({k: v for k, v in self.active_params(d, spec).items() if not k.startswith(("query", "key", "value", "dense.weight"))}, state)
 
-    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: MHA) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: MHA, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The block output; ``(output, probs [B, spec.heads, T, T])`` when ``output_attentions``."""
         p = self.active_params(x.shape[-1], spec)
         return mha_op(
             x, mask, _wb(p, "query"), _wb(p, "key"), _wb(p, "value"), _wb(p, "dense"), _wb(p, "LayerNorm"),
-            spec.heads, spec.head_dim, self.eps, self.p_attn, self.p, self.training,
+            spec.heads, spec.head_dim, self.eps, self.p_attn, self.p, self.training, return_probs=output_attentions,
         )
 
 
@@ -232,10 +235,16 @@ class ElasticOpLayer(nn.Module):
                 ops[slot] = ElasticSepConv(d_max, largest, eps, dropout)
         self.ops = nn.ModuleDict(ops)
 
-    def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: OpSpec) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: OpSpec, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """The op's output; with ``output_attentions``, ``(output, probs)``, ``probs`` None unless ``spec`` is MHA."""
         if spec.op == "id":
-            return x
-        return self.ops[spec.slot](x, mask, keep, spec)
+            return (x, None) if output_attentions else x
+        if output_attentions and isinstance(spec, MHA):
+            return self.ops[spec.slot](x, mask, keep, spec, output_attentions=True)
+        out = self.ops[spec.slot](x, mask, keep, spec)
+        return (out, None) if output_attentions else out
 
     def active_params(self, d: int, spec: OpSpec) -> Params:
         return {} if spec.op == "id" else self.ops[spec.slot].active_params(d, spec)

@@ -47,6 +47,7 @@ class SupernetOutput:
     logits: Tensor
     loss: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = field(default=None)
+    attentions: tuple[Tensor, ...] | None = None  # one [B, heads, T, T] per MHA op-layer (output_attentions)
 
 
 class Supernet(nn.Module):
@@ -104,19 +105,29 @@ class Supernet(nn.Module):
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> SupernetOutput:
+        """``output_attentions``: ``attentions`` gets one ``[B, heads, T, T]`` probability tensor
+        (before dropout) per MHA op-layer of the active arch, in order, as the extracted model's.
+        """
         d = self.active_hidden
         h = self.embeddings(d, input_ids, token_type_ids, position_ids)
         mask = additive_mask(attention_mask, h.dtype)
-        states = [h]
+        states, attentions = [h], []
         for layer, spec in zip(self.layers, self.active_ops):
-            h = layer(h, mask, attention_mask, spec)
+            if output_attentions:
+                h, probs = layer(h, mask, attention_mask, spec, output_attentions=True)
+                if probs is not None:
+                    attentions.append(probs)
+            else:
+                h = layer(h, mask, attention_mask, spec)
             states.append(h)
         logits = self.cls(h, self.embeddings.word_embeddings.weight[:, :d])
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1))
-        return SupernetOutput(h, self.pooler(h), logits, loss, tuple(states) if output_hidden_states else None)
+        return SupernetOutput(h, self.pooler(h), logits, loss, tuple(states) if output_hidden_states else None,
+                              tuple(attentions) if output_attentions else None)
 
     # ---- extraction -----------------------------------------------------------------------
     def model_config(self, arch: Any = None) -> RaynasConfig:
