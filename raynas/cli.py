@@ -17,6 +17,7 @@ from raynas.errors import ConfigError
 RECIPES: dict[str, tuple[str, str]] = {
     "init": ("recipes.init", "create a supernet folder from a search space, or around a teacher (seeded with its weights)"),
     "supernet": ("recipes.supernet", "train a supernet on Ray Train (batch-wise / sandwich sub-models, DeepSpeed ZeRO or DDP)"),
+    "train": ("recipes.train", "further training of an extracted model (MLM or distillation) on Ray Train + DeepSpeed"),
     "extract": ("recipes.extract", "extract sub-models from a supernet checkpoint into transformers folders"),
     "evaluate": ("recipes.evaluate", "fine-tune on GLUE / SQuAD as a Ray Tune sweep; family report (size, latency, scores)"),
     "bench": ("recipes.bench", "benchmarks (bench supernet: supernet active path vs extracted model step time)"),

@@ -2,11 +2,13 @@
 
     raynas supernet --config recipes/configs/supernet-tiny.yaml
     raynas supernet --config recipes/configs/supernet-tiny.yaml steps=500 num_workers=4 deepspeed.zero_stage=1
-    raynas supernet --config my.yaml init_from=runs/supernet out=runs/supernet-trained
+    raynas supernet --config recipes/configs/supernet-kd-minilm.yaml      # distil from a teacher
+    ray job submit --working-dir . -- raynas supernet --config recipes/configs/supernet-tiny.yaml
 
 The corpus is tokenized once into OUT/corpus (memory-mapped by the workers),
-checkpoints land in OUT/checkpoints (and Ray's copies in OUT/ray_results; a rerun
-with the same OUT resumes from the latest), the trained supernet in OUT/supernet.
+checkpoints land in OUT/checkpoints (Ray's copies in OUT/ray_results; a rerun
+with the same OUT resumes from the latest), sampled archs in OUT/archs/rank-R.jsonl,
+the trained supernet in OUT/supernet (extract sub-models with raynas extract).
 """
 
 from __future__ import annotations
@@ -18,21 +20,24 @@ from typing import Sequence
 
 from raynas.cli import run_recipe
 from raynas.config_loading import load_config
-from raynas.orchestration.supernet_training import SupernetTrainConfig, train_supernet
+from raynas.errors import ConfigError
+from raynas.orchestration.supernet_training import TrainConfig, run_training
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="raynas supernet", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", help="YAML config (fields of SupernetTrainConfig); key=value overrides it")
+    p.add_argument("--config", help="YAML config (fields of TrainConfig); key=value overrides it")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sampler.per_worker=3")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    cfg = load_config(SupernetTrainConfig, args.config, args.overrides)
-    metrics = train_supernet(cfg)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if cfg.model:
+        raise ConfigError("model: raynas supernet trains a supernet (space or init_from); use raynas train for a model")
+    metrics = run_training(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"trained supernet in {cfg.out}/supernet", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY, VOCAB
 
 from raynas.config_loading import load_config
-from raynas.orchestration.supernet_training import SupernetTrainConfig, train_supernet
+from raynas.orchestration.supernet_training import TrainConfig, run_training
 from raynas.supernet.checkpoint import load_supernet
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
@@ -37,20 +37,20 @@ def _corpus(tmp: Path) -> Path:
     return path
 
 
-def _config(tmp: Path, tokenizer, **kw) -> SupernetTrainConfig:
+def _config(tmp: Path, tokenizer, **kw) -> TrainConfig:
     tokenizer.save_pretrained(tmp / "tok")
     name, space = TINY["mlm"]
     raw = {"out": str(tmp / "run"), "space": name, "space_overrides": space, "tokenizer": str(tmp / "tok"),
            "corpus": {"files": [str(_corpus(tmp))], "seq_len": 32, "validation_fraction": 0.1},
            "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1, "log_every": 5, "dropout": 0.0}
     overrides = [f"{k}={v}" for k, v in kw.items()]
-    return load_config(SupernetTrainConfig, None, overrides, defaults=raw)
+    return load_config(TrainConfig, None, overrides, defaults=raw)
 
 
 def test_deepspeed_zero2_two_workers(tmp_path, tokenizer):
     cfg = _config(tmp_path, tokenizer, steps=20, checkpoint_every=10, eval_every=20, num_workers=2,
                   **{"deepspeed.enabled": "true", "deepspeed.zero_stage": 2})
-    metrics = train_supernet(cfg)
+    metrics = run_training(cfg)
     assert metrics["step"] == 20
     assert metrics["val_loss_largest"] < metrics["initial_val_loss_largest"]
     assert metrics["val_loss_smallest"] < metrics["initial_val_loss_smallest"]
@@ -63,9 +63,9 @@ def test_deepspeed_zero2_two_workers(tmp_path, tokenizer):
 def test_ddp_resume(tmp_path, tokenizer):
     cfg = _config(tmp_path, tokenizer, steps=10, checkpoint_every=5, eval_every=10, num_workers=1,
                   **{"deepspeed.enabled": "false"})
-    first = train_supernet(cfg)
+    first = run_training(cfg)
     assert first["step"] == 10 and first["start_step"] == 0
     cfg.steps = 15
-    second = train_supernet(cfg)
+    second = run_training(cfg)
     assert second["step"] == 15
     assert second["start_step"] >= 5

