@@ -37,7 +37,7 @@ def resolve_teacher(name_or_path: str | os.PathLike, field: str = "teacher") -> 
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{field}: {text!r}: folder has no config.json (not a transformers model folder)")
-        return str(path)
+        return str(path.resolve())  # absolute: Ray workers run in another working dir
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ConfigError(f"{field}: {text!r}: no such folder")
     return text  # a hub name; transformers resolves (and fails clearly offline)

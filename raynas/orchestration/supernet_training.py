@@ -167,8 +167,10 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     else:
         raw["model"] = where = resolve_teacher(cfg.model, "model")
         try:
-            heads = {AutoConfig.from_pretrained(where).num_attention_heads}
-        except (OSError, ValueError, AttributeError) as exc:
+            config = AutoConfig.from_pretrained(where)
+            layers = getattr(config, "layers", None)  # raynas: heads per MHA op-layer
+            heads = {op["heads"] for op in layers if op["op"] == "mha"} if layers else {config.num_attention_heads}
+        except (OSError, ValueError, AttributeError, KeyError) as exc:
             raise ConfigError(f"model {cfg.model!r}: not a loadable model folder ({exc})") from None
     if cfg.objective.mode == "kd":
         raw["objective"]["teacher"] = where = resolve_teacher(cfg.objective.teacher, "objective.teacher")

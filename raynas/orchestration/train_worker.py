@@ -198,8 +198,11 @@ def train_loop(config: dict[str, Any]) -> None:
         arch_log.flush()
         all_losses = sum(losses.values(), [])
         n = int(batch["attention_mask"].sum()) * len(all_losses) * world
-        tokens, window_tokens = tokens + n, window_tokens + n
         done, now = step + 1, time.perf_counter()
+        if done == start + 1:  # the first step (allocation, DeepSpeed buckets) is not the steady rate
+            t0, window_t0 = now, now
+        else:
+            tokens, window_tokens = tokens + n, window_tokens + n
         metrics = {"step": done, "loss": sum(all_losses) / len(all_losses),
                    **{f"loss_{k}": sum(v) / len(v) for k, v in losses.items()},
                    "tokens_per_s": tokens / max(1e-9, now - t0), "start_step": start, "lr": engine.lr(),
