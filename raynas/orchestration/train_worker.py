@@ -11,6 +11,7 @@ the archs and masks an uninterrupted run would have.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict
@@ -119,6 +120,15 @@ def _open_arch_log(out: Path, rank: int, start: int) -> Any:
     return path.open("a")
 
 
+def _quiet_report_log() -> None:
+    """Under ``ray job submit`` Ray Train logs every report at INFO (a line per step); the progress lines suffice."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: keep its logging
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     import datasets
@@ -132,6 +142,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from raynas.training.objectives import TeacherOutput
     from raynas.training.sampling import size_class
 
+    _quiet_report_log()
     cfg = config_from_dict(config["cfg"])
     out = Path(config["out"])
     ctx = ray.train.get_context()
