@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, VOCAB
+from transformers import BertConfig, BertForMaskedLM
 
 from raynas.config_loading import load_config
 from raynas.orchestration.supernet_training import TrainConfig, run_training
@@ -37,10 +40,11 @@ def _corpus(tmp: Path) -> Path:
     return path
 
 
-def _config(tmp: Path, tokenizer, **kw) -> TrainConfig:
+def _config(tmp: Path, tokenizer, kind: str = "mlm", model: Path | None = None, **kw) -> TrainConfig:
     tokenizer.save_pretrained(tmp / "tok")
-    name, space = TINY["mlm"]
-    raw = {"out": str(tmp / "run"), "space": name, "space_overrides": space, "tokenizer": str(tmp / "tok"),
+    name, space = TINY[kind]
+    student = {"model": str(model)} if model else {"space": name, "space_overrides": space}
+    raw = {"out": str(tmp / "run"), **student, "tokenizer": str(tmp / "tok"),
            "corpus": {"files": [str(_corpus(tmp))], "seq_len": 32, "validation_fraction": 0.1},
            "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1, "log_every": 5, "dropout": 0.0}
     overrides = [f"{k}={v}" for k, v in kw.items()]
@@ -69,3 +73,62 @@ def test_ddp_resume(tmp_path, tokenizer):
     second = run_training(cfg)
     assert second["step"] == 15
     assert second["start_step"] >= 5
+
+
+def _arch_log(run: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run / "archs" / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+def _teacher(tmp: Path, tokenizer) -> Path:
+    """A tiny BERT teacher with the kd space's 4 heads, saved as a folder (as a user would pass one)."""
+    torch.manual_seed(1)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=64)
+    BertForMaskedLM(cfg).save_pretrained(tmp / "teacher")
+    tokenizer.save_pretrained(tmp / "teacher")
+    return tmp / "teacher"
+
+
+def test_kd_attention_per_rank_archs_zero2(tmp_path, tokenizer):
+    """Distillation (hidden + attention maps) under ZeRO-2 with each worker drawing its own sub-models."""
+    cfg = _config(tmp_path, tokenizer, "kd", steps=12, checkpoint_every=12, eval_every=12, num_workers=2,
+                  **{"objective.mode": "kd", "objective.teacher": str(_teacher(tmp_path, tokenizer)),
+                     "objective.attention_weight": 1.0, "deepspeed.zero_stage": 2})
+    metrics = run_training(cfg)
+    assert metrics["val_loss_largest"] < metrics["initial_val_loss_largest"]
+    assert metrics["val_loss_smallest"] < metrics["initial_val_loss_smallest"]
+    logs = [_arch_log(tmp_path / "run", r) for r in (0, 1)]
+    assert all(len(log) == 12 * 2 for log in logs)  # M = 2 sub-models per worker per step
+    assert [e["arch"] for e in logs[0]] != [e["arch"] for e in logs[1]]  # per-rank archs (Algorithm 1)
+    assert {"hidden", "attention"} <= set(logs[0][0])
+
+
+def test_sandwich_inplace_zero3_same_archs(tmp_path, tokenizer):
+    """ZeRO-3: every rank trains the same archs; sandwich distils the later sub-models from the largest."""
+    cfg = _config(tmp_path, tokenizer, steps=6, checkpoint_every=6, eval_every=6, num_workers=2,
+                  **{"sampler.name": "sandwich", "sampler.n_random": 1, "deepspeed.zero_stage": 3})
+    metrics = run_training(cfg)
+    assert metrics["step"] == 6
+    logs = [_arch_log(tmp_path / "run", r) for r in (0, 1)]
+    assert [e["arch"] for e in logs[0]] == [e["arch"] for e in logs[1]]
+    assert "logits" not in logs[0][0] and all("logits" in e for e in logs[0][1:3])  # largest first, then taught
+    assert load_supernet(tmp_path / "run" / "supernet") is not None
+
+
+def test_train_plain_model(tmp_path, tokenizer):
+    """raynas train: an extracted sub-model, further trained with MLM under DeepSpeed, loads with AutoModel."""
+    from transformers import AutoModelForMaskedLM
+
+    from raynas.export import export_model
+    from raynas.spaces import load_space
+    from raynas.supernet import Supernet
+
+    name, space = TINY["mlm"]
+    net = Supernet.from_space(load_space(name, space))
+    export_model(net.extract("2-64-64-4-64"), tmp_path / "student", tokenizer)  # bert-expressible
+    cfg = _config(tmp_path, tokenizer, steps=10, checkpoint_every=10, eval_every=10, num_workers=1,
+                  model=tmp_path / "student", **{"deepspeed.zero_stage": 1})
+    metrics = run_training(cfg)
+    assert metrics["val_loss_model"] < metrics["initial_val_loss_model"]
+    trained = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model")
+    assert trained.config.model_type == "bert" and trained.config.num_hidden_layers == 2

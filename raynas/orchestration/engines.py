@@ -11,6 +11,7 @@ parameters) handles per-rank archs natively.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,14 @@ class Engine:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
 
+    def full_weights(self) -> Any:
+        """A context in which the module holds its full weights (ZeRO-3 gathers them; a no-op otherwise)."""
+        if self.ds and not self.per_rank_archs:
+            from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+            return GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
     def lr(self) -> float:
         return float(self.sched.get_last_lr()[0])
 
@@ -164,7 +173,7 @@ def _register_external_params(student: Any) -> None:
     """ZeRO-3 gathers a module's weights when *its* forward runs, but elastic ops slice their children's
     weights without calling them (and the MLM head reads the word embeddings): declare every weight as
     used by the root, so one gather covers a forward. Optimizer state and gradients stay partitioned."""
-    from deepspeed.zero import register_external_parameter
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     for p in student.parameters():
         register_external_parameter(student, p)

@@ -185,54 +185,62 @@ def train_loop(config: dict[str, Any]) -> None:
     arch_log = _open_arch_log(out, rank, start)
 
     metrics: dict[str, Any] = {}
-    if rank == 0 and start == 0:
+    if start == 0:  # every rank: under ZeRO-3 a forward is a collective
         metrics.update(evaluate(student, eval_archs, val_batches))
-        print(f"step 0 {json.dumps(metrics)}", file=sys.stderr)
+        if rank == 0:
+            print(f"step 0 {json.dumps(metrics)}", file=sys.stderr)
     initial = dict(metrics)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + rank)).tolist()
     tokens = window_tokens = 0
     t0 = window_t0 = time.perf_counter()
+    window: dict[str, list[float]] = {}  # losses per size class since the last report
     for step in range(start, cfg.steps):
         i = step * micro % max(1, len(order) - micro + 1)
         batch = collator(train[order[i: i + micro]]["input_ids"] if len(order) >= micro else train[:]["input_ids"])
-        losses: dict[str, list[float]] = {}
-        target = None
+        target, n_archs = None, 0
         for k, arch in enumerate(sampler.sample(step)):
             loss, terms, output = engine.forward(batch, arch, target)
             engine.accumulate(loss)
             if inplace and k == 0:  # sandwich: the largest (drawn first) teaches the rest of this batch
                 target = TeacherOutput.detached(output)
             cls = size_class(space, arch) if space is not None else "model"
-            losses.setdefault(cls, []).append(terms["loss"])
+            window.setdefault(cls, []).append(terms["loss"])
             arch_log.write(json.dumps({"step": step + 1, "arch": _arch_str(arch), "size": cls, **terms}) + "\n")
+            n_archs += 1
         engine.step()
-        arch_log.flush()
-        all_losses = sum(losses.values(), [])
-        n = int(batch["attention_mask"].sum()) * len(all_losses) * world
+        n = int(batch["attention_mask"].sum()) * n_archs * world
         done, now = step + 1, time.perf_counter()
         if done == start + 1:  # the first step (allocation, DeepSpeed buckets) is not the steady rate
-            t0, window_t0 = now, now
+            t0 = window_t0 = now
         else:
             tokens, window_tokens = tokens + n, window_tokens + n
+        evaluating = done % cfg.eval_every == 0 or done == cfg.steps
+        checkpointing = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if not (evaluating or checkpointing or done % cfg.log_every == 0 or done == start + 1):
+            continue  # Ray Train's report queue holds one result and its controller polls every 2 s: not per step
+        arch_log.flush()
+        all_losses = sum(window.values(), [])
         metrics = {"step": done, "loss": sum(all_losses) / len(all_losses),
-                   **{f"loss_{k}": sum(v) / len(v) for k, v in losses.items()},
-                   "tokens_per_s": tokens / max(1e-9, now - t0), "start_step": start, "lr": engine.lr(),
-                   **{f"initial_{k}": v for k, v in initial.items()}}
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+                   **{f"loss_{k}": sum(v) / len(v) for k, v in sorted(window.items())},
+                   "tokens_per_s": tokens / max(1e-9, now - t0),
+                   "tokens_per_s_window": window_tokens / max(1e-9, now - window_t0),
+                   "start_step": start, "lr": engine.lr(), **{f"initial_{k}": v for k, v in initial.items()}}
+        window, window_tokens, window_t0 = {}, 0, now
+        if evaluating:
             metrics.update(evaluate(student, eval_archs, val_batches))
-        if rank == 0 and (done % cfg.log_every == 0 or done == start + 1 or done == cfg.steps):
-            rate = window_tokens / max(1e-9, now - window_t0)
+        if rank == 0:
             vals = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val_loss"))
-            print(f"step {done}/{cfg.steps} loss {metrics['loss']:.4f} tok/s {rate:.0f} lr {metrics['lr']:.2e} {vals}",
-                  file=sys.stderr)
-            window_tokens, window_t0 = 0, now
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            sizes = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_"))
+            print(f"step {done}/{cfg.steps} loss {metrics['loss']:.4f} ({sizes}) "
+                  f"tok/s {metrics['tokens_per_s_window']:.0f} lr {metrics['lr']:.2e} {vals}".rstrip(), file=sys.stderr)
+        if checkpointing:
             _report_with_checkpoint(cfg, engine, sampler, collator, student, tokenizer, metrics, done, rank, world)
         else:
             ray.train.report(metrics)
     arch_log.close()
-    if rank == 0:
-        save_final(student.net, out, tokenizer)
+    with engine.full_weights():
+        if rank == 0:
+            save_final(student.net, out, tokenizer)
 
 
 def _engine(cfg: Any, student: Any, archs_per_step: int, micro: int, world: int) -> Any:
@@ -280,9 +288,11 @@ def _report_with_checkpoint(cfg: Any, engine: Any, sampler: Any, collator: Any, 
         dist.all_gather_object(gathered, local)
     else:
         gathered = [local]
+    with engine.full_weights():  # ZeRO-3: gather the partitioned weights on every rank for rank 0 to write
+        if rank == 0:
+            torch.save(student.state_dict(), folder / STUDENT_FILE)
+            save_final(student.net, folder, tokenizer)  # a usable supernet / model in every checkpoint
     if rank == 0:
-        torch.save(student.state_dict(), folder / STUDENT_FILE)
-        save_final(student.net, folder, tokenizer)  # a usable supernet / model in every checkpoint
         state = {"step": step, "sampler": {str(r): g["sampler"] for r, g in enumerate(gathered)},
                  "collator": {str(r): g["collator"] for r, g in enumerate(gathered)}, "config": asdict(cfg)}
         (folder / STATE_FILE).write_text(json.dumps(state))
