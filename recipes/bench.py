@@ -3,11 +3,17 @@
     raynas bench supernet                                  # 8 archs of autotinybert-mlm, batch 8 x 128
     raynas bench supernet --space nas-bert --archs 6
     raynas bench supernet --supernet runs/supernet --threads 4 --out runs/bench/mine.parquet
+    raynas bench train                                     # supernet-tiny.yaml, 20 steps, 1 and 2 workers
+    raynas bench train --config recipes/configs/supernet-tiny.yaml --steps 30 --workers 1,2,4 --no-deepspeed
 
 ``supernet`` times one MLM training step (zero_grad, forward, backward) of a
 supernet's active path against the extracted standalone model on the same
 batch, for archs sampled from the space, and reports the ratio of the two
 (1.0: weight sharing costs nothing per step).
+
+``train`` measures training throughput on Ray Train: the supernet (M sampled
+sub-models per batch per worker) against its largest sub-model trained alone as
+a plain transformers model, same data and engine, at each worker count.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from raynas.errors import ConfigError
 from raynas.tables import to_table, write_parquet
 
 DEFAULT_SPACE = "autotinybert-mlm"
+DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent / "configs" / "supernet-tiny.yaml"
 SUPERNET_SCHEMA = pa.schema([
     ("arch", pa.string()), ("params", pa.int64()), ("supernet_ms", pa.float64()), ("extracted_ms", pa.float64()),
     ("ratio", pa.float64()), ("batch", pa.int32()), ("seq_len", pa.int32()), ("threads", pa.int32()),
@@ -60,6 +67,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     s.add_argument("--out", default="runs/bench/supernet.parquet",
                    help="Parquet table to write (default: runs/bench/supernet.parquet)")
     s.set_defaults(run=bench_supernet)
+
+    t = sub.add_parser(
+        "train", help="training tokens/s: supernet (M sub-models per batch) vs its largest sub-model alone, 1 vs N workers",
+        description="Train, in one process on one Ray instance, the supernet of a TrainConfig and its largest "
+                    "sub-model as a plain masked LM (extracted with the same seed, exported as a transformers "
+                    "folder), with the same corpus, seq_len, global batch, steps and engine (DeepSpeed or DDP), at "
+                    "each worker count. Each run gets a fresh OUT/<config>-<W>w folder (no resume); checkpoints "
+                    "and evaluations happen only at the last step, after its rate is taken. Prints a table and "
+                    "writes it as OUT/bench_train.parquet. tokens_per_s is the run's steady rate (steps 2..N) "
+                    "counting every sub-model's tokens on every worker; sequences_per_s divides out the "
+                    "passes per sequence (M for the supernet, 1 for plain); ratio_vs_plain is tokens/s over the "
+                    "plain model's at the same worker count (read it with mean_params: sampled sub-models are "
+                    "smaller than the largest); scaling is tokens/s over the same config's at the fewest workers.",
+    )
+    t.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG),
+                   help="TrainConfig YAML with a space or init_from (default: recipes/configs/supernet-tiny.yaml)")
+    t.add_argument("--steps", type=int, default=20, help="optimizer steps per run, >= 2 (default: 20)")
+    t.add_argument("--workers", default="1,2", help="comma-separated worker counts (default: 1,2)")
+    t.add_argument("--per-worker", type=int, metavar="M",
+                   help="sub-models per batch per worker (sampler.per_worker; default: the config's)")
+    t.add_argument("--no-deepspeed", action="store_true", help="DDP instead of DeepSpeed (deepspeed.enabled=false)")
+    t.add_argument("--out", default="runs/bench-train",
+                   help="folder for the runs and bench_train.parquet (default: runs/bench-train)")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted TrainConfig overrides, e.g. batch_size=16 corpus.seq_len=128 deepspeed.zero_stage=1")
+    t.set_defaults(run=bench_train)
     return p.parse_args(argv)
 
 
@@ -116,6 +149,46 @@ def bench_supernet(args: argparse.Namespace) -> int:
     out = write_parquet(to_table(rows, SUPERNET_SCHEMA), args.out)
     print(format_table(rows))
     print(f"median ratio (supernet / extracted): {statistics.median(r['ratio'] for r in rows):.3f} over {len(rows)} archs")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _workers(text: str) -> list[int]:
+    try:
+        ws = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ws = []
+    if not ws or any(w < 1 for w in ws):
+        raise ConfigError(f"--workers {text!r}: expected comma-separated positive integers, e.g. 1,2")
+    return ws
+
+
+def bench_train(args: argparse.Namespace) -> int:
+    _positive(args, "per-worker")
+    _positive(args, "steps", least=2)
+    workers = _workers(args.workers)
+    from raynas.benchmarks.train_throughput import TABLE_FILE, format_table, write_table
+    from raynas.benchmarks.train_throughput import bench_train as run_bench
+    from raynas.config_loading import load_config
+    from raynas.orchestration.supernet_training import TrainConfig
+
+    overrides = list(args.overrides) + [f"steps={args.steps}"]
+    if args.per_worker is not None:
+        overrides.append(f"sampler.per_worker={args.per_worker}")
+    if args.no_deepspeed:
+        overrides.append("deepspeed.enabled=false")
+    cfg = load_config(TrainConfig, args.config, overrides)
+
+    def progress(row: dict[str, Any]) -> None:
+        print(f"bench train: {row['config']} x{row['workers']}: {row['tokens_per_s']:,.0f} tokens/s "
+              f"({row['sequences_per_s']:.2f} seq/s), run {row['wall_s']:.1f} s", file=sys.stderr, flush=True)
+
+    df = run_bench(cfg, workers, args.out, progress=progress)
+    out = write_table(df, Path(args.out) / TABLE_FILE)
+    first = df.iloc[0]
+    print(f"{first['space']}: largest {first['largest']}, {first['engine']}, {first['steps']} steps, global batch "
+          f"{first['batch_size']} x {first['seq_len']} tokens")
+    print(format_table(df))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

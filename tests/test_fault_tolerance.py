@@ -1,4 +1,4 @@
-"""Fault tolerance of ``raynas supernet`` on the shipped tiny config (slow: about 6 minutes on 2 CPUs).
+"""Fault tolerance of ``raynas supernet`` on the shipped tiny config (slow: about 4 minutes on 2 CPUs).
 
 1. Kill one Ray Train worker process mid-run: FailureConfig restarts the worker
    group from the last checkpoint and the run finishes.
@@ -23,7 +23,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 40, 10
+STEPS, EVERY = 200, 40
 
 
 def _start(out: Path, log: Path) -> subprocess.Popen:

@@ -133,11 +133,16 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
         try:
             return AutoTokenizer.from_pretrained(where)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"tokenizer {name!r}: cannot load a tokenizer ({str(exc).strip().splitlines()[0]})") from None
+            raise ConfigError(f"tokenizer {name!r}: cannot load a tokenizer ({_first_line(exc)})") from None
     tok = load_supernet_tokenizer(cfg.init_from) if cfg.init_from else None
     if tok is None:
         raise ConfigError("tokenizer: not given, and init_from has no tokenizer/ folder")
     return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
@@ -171,13 +176,14 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
             layers = getattr(config, "layers", None)  # raynas: heads per MHA op-layer
             heads = {op["heads"] for op in layers if op["op"] == "mha"} if layers else {config.num_attention_heads}
         except (OSError, ValueError, AttributeError, KeyError) as exc:
-            raise ConfigError(f"model {cfg.model!r}: not a loadable model folder ({exc})") from None
+            raise ConfigError(f"model {cfg.model!r}: cannot read its config ({_first_line(exc)})") from None
     if cfg.objective.mode == "kd":
         raw["objective"]["teacher"] = where = resolve_teacher(cfg.objective.teacher, "objective.teacher")
         try:
             teacher_heads = AutoConfig.from_pretrained(where).num_attention_heads
         except (OSError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"objective.teacher {cfg.objective.teacher!r}: cannot read its config ({exc})") from None
+            raise ConfigError(f"objective.teacher {cfg.objective.teacher!r}: cannot read its config "
+                              f"({_first_line(exc)})") from None
         if cfg.objective.attention_weight > 0 and heads != {teacher_heads}:
             raise ConfigError(f"objective.attention_weight: attention maps need the teacher's head count "
                               f"({teacher_heads}), the student has {sorted(heads)} heads (use a 'dims' MHA strategy "
