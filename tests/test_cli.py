@@ -113,3 +113,27 @@ def test_malformed_space_yaml_from_the_cli(tmp_path, capsys):
     code, _, err = run(capsys, "init", "--space", str(bad), "--out", str(tmp_path / "s"))
     assert code == 2 and str(bad) in err and "hidden" in err and "ffn: missing" in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+TINY_TRAIN = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "supernet-tiny.yaml")
+
+
+@pytest.mark.parametrize("recipe, args, needle", [
+    ("supernet", ["corpus.files=[{tmp}/missing.txt]"], "missing.txt: no such file"),
+    ("supernet", ["corpus.files=[{tmp}/corrupt.parquet]"], "corrupt.parquet: cannot read as parquet"),
+    ("supernet", ["objective.mode=kd", "objective.teacher={tmp}/no-teacher"], "objective.teacher"),
+    ("supernet", ["stepz=3"], "stepz: unknown key"),
+    ("supernet", ["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    ("supernet", ["model={tmp}"], "give exactly one of space, init_from and model"),
+    ("train", [], "raynas train needs a model folder"),
+    ("train", ["model={tmp}/no-model", "space=null"], "model"),
+])
+def test_training_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, recipe, args, needle):
+    """Checked in the driver before Ray starts: nothing under out/ that a rerun would trip over."""
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really parquet")
+    out = tmp_path / "out"
+    argv = [recipe, "--config", TINY_TRAIN, f"out={out}", *(a.format(tmp=tmp_path) for a in args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
