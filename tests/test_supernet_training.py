@@ -117,7 +117,7 @@ def test_sandwich_inplace_zero3_same_archs(tmp_path, tokenizer):
 
 def test_train_plain_model(tmp_path, tokenizer):
     """raynas train: an extracted sub-model, further trained with MLM under DeepSpeed, loads with AutoModel."""
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModel, AutoModelForMaskedLM
 
     from raynas.export import export_model
     from raynas.spaces import load_space
@@ -132,3 +132,6 @@ def test_train_plain_model(tmp_path, tokenizer):
     assert metrics["val_loss_model"] < metrics["initial_val_loss_model"]
     trained = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model")
     assert trained.config.model_type == "bert" and trained.config.num_hidden_layers == 2
+    before, after = (AutoModel.from_pretrained(tmp_path / d) for d in ("student", "run/model"))
+    assert torch.equal(before.pooler.dense.weight, after.pooler.dense.weight)  # kept, not re-initialised
+    assert not torch.equal(before.encoder.layer[0].output.dense.weight, after.encoder.layer[0].output.dense.weight)

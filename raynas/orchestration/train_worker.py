@@ -33,10 +33,7 @@ def build_student(cfg: Any, teacher: Any = None) -> tuple[Any, Any]:
 
     torch.manual_seed(cfg.seed)  # same initial weights (and projection) on every worker
     if cfg.model:
-        from transformers import AutoModelForMaskedLM
-
-        kw = {"attn_implementation": "eager"} if cfg.objective.attention_weight > 0 else {}
-        net, space, width = AutoModelForMaskedLM.from_pretrained(cfg.model, **kw).train(), None, None
+        net, space = load_plain_student(cfg.model, eager=cfg.objective.attention_weight > 0), None
         width = net.config.hidden_size
     elif cfg.init_from:
         from raynas.supernet.checkpoint import load_supernet
@@ -58,6 +55,43 @@ def build_student(cfg: Any, teacher: Any = None) -> tuple[Any, Any]:
         logits_weight=o.inplace_weight if inplace else o.logits_weight, mlm_weight=o.mlm_weight,
         temperature=o.temperature, teacher=teacher, project=o.project)
     return TrainStudent(net, objective), space
+
+
+def load_plain_student(path: str, eager: bool = False) -> Any:
+    """A masked-LM model that keeps its checkpoint's pooler, frozen.
+
+    ``*ForMaskedLM`` classes drop the pooler, so further training would hand back
+    a model whose ``AutoModel`` pooler is freshly random. No pre-training loss
+    touches the pooler: it is kept as loaded and frozen (no weight decay either).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
+    if AutoConfig.from_pretrained(path).model_type == "raynas":
+        kw["add_pooling_layer"] = True
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the pooler as unexpected: handled below
+    try:
+        net = AutoModelForMaskedLM.from_pretrained(path, **kw).train()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    base = net.base_model
+    if getattr(base, "pooler", False) is None and net.config.model_type == "bert":
+        from transformers.models.bert.modeling_bert import BertPooler
+
+        base.pooler = BertPooler(net.config)
+        weights = Path(path) / "model.safetensors"
+        if weights.exists():
+            with safe_open(str(weights), "pt") as f:
+                state = {k.rsplit("pooler.", 1)[1]: f.get_tensor(k) for k in f.keys() if "pooler." in k}
+            if state:
+                base.pooler.load_state_dict(state)
+    if getattr(base, "pooler", None) is not None:
+        base.pooler.requires_grad_(False)
+    return net
 
 
 def build_teacher(cfg: Any) -> Any:
