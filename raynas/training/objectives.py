@@ -34,6 +34,16 @@ def _zero(like: Tensor) -> Tensor:
     return like.sum() * 0.0
 
 
+def _token_mean(values: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Mean of ``[B, T]`` per-token values over real tokens (all tokens without a mask)."""
+    if attention_mask is None:
+        return values.mean()
+    keep = attention_mask.to(values.dtype)
+    if not bool(keep.any()):
+        return _zero(values)
+    return (values * keep).sum() / keep.sum()
+
+
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over labelled tokens (label -100 is ignored).
 
@@ -79,13 +89,7 @@ class HiddenDistillation(nn.Module):
             student = F.linear(student, self.proj.weight[:, :d_s], self.proj.bias)
         else:
             teacher = teacher[..., :d_s]
-        err = (student - teacher.to(student.dtype)).pow(2).mean(-1)  # [B, T]
-        if attention_mask is None:
-            return err.mean()
-        keep = attention_mask.to(err.dtype)
-        if not bool(keep.any()):
-            return _zero(err)
-        return (err * keep).sum() / keep.sum()
+        return _token_mean((student - teacher.to(student.dtype)).pow(2).mean(-1), attention_mask)
 
 
 def logits_distillation(
@@ -123,12 +127,7 @@ def attention_distillation(student: Tensor, teacher: Tensor, attention_mask: Ten
                           f"{tuple(student.shape)} vs teacher {tuple(teacher.shape)} ([batch, heads, query, key])")
     t = teacher.to(student.dtype)
     kl = (t * (t.clamp_min(1e-12).log() - student.clamp_min(1e-12).log())).sum(-1).mean(1)  # [B, T]
-    if attention_mask is None:
-        return kl.mean()
-    keep = attention_mask.to(kl.dtype)
-    if not bool(keep.any()):
-        return _zero(kl)
-    return (kl * keep).sum() / keep.sum()
+    return _token_mean(kl, attention_mask)
 
 
 @dataclass
