@@ -24,11 +24,13 @@ from raynas.errors import ConfigError
 from raynas.orchestration.supernet_training import TrainConfig, run_training
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="raynas supernet", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+def parse_args(argv: Sequence[str], prog: str = "raynas supernet", doc: str = __doc__) -> argparse.Namespace:
+    """Also raynas train's: both take a TrainConfig YAML and dotted overrides."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
     p.add_argument("--config", help="YAML config (fields of TrainConfig); key=value overrides it")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sampler.per_worker=3")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. sampler.per_worker=3 or model=runs/students/ARCH")
     return p.parse_args(argv)
 
 

@@ -13,7 +13,6 @@ trained model in OUT/model, ready for AutoModel.from_pretrained and raynas evalu
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -22,18 +21,11 @@ from raynas.cli import run_recipe
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
 from raynas.orchestration.supernet_training import TrainConfig, run_training
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="raynas train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", help="YAML config (fields of TrainConfig, with model: FOLDER); key=value overrides it")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model=runs/student lr=5e-5")
-    return p.parse_args(argv)
+from recipes.supernet import parse_args
 
 
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, prog="raynas train", doc=__doc__)
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if not cfg.model:
         raise ConfigError("model: raynas train needs a model folder (model=DIR); train supernets with raynas supernet")

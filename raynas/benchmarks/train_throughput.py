@@ -90,29 +90,12 @@ def check_bench(cfg: TrainConfig, workers: Sequence[int]) -> list[int]:
     return ws
 
 
-def _space_and_largest(cfg: TrainConfig) -> tuple[Any, Any]:
-    """The supernet ``build_student`` makes for ``cfg`` (same seed and dropout), and its space."""
-    import torch
-
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        from raynas.supernet.checkpoint import load_supernet
-
-        net = load_supernet(cfg.init_from)
-    else:
-        from raynas.spaces import load_space
-        from raynas.supernet import Supernet
-
-        space = load_space(cfg.space, cfg.space_overrides or None)
-        net = Supernet.from_space(space, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    return net, net.space
-
-
 def export_largest(cfg: TrainConfig, folder: Path, tokenizer: Any) -> tuple[Path, Any, Any]:
     """``(folder, space, largest arch)``: the largest sub-model of ``cfg``'s supernet as a transformers folder."""
     from raynas.export import export_model
+    from raynas.orchestration.train_worker import build_net
 
-    net, space = _space_and_largest(cfg)
+    net, space = build_net(cfg)  # the supernet a training run builds: same seed, dropout, weights
     largest = space.largest()
     model = net.extract(largest).train()
     export_model(model, folder, tokenizer, overwrite=True)

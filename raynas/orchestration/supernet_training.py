@@ -145,6 +145,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _head_counts(space: Any) -> set[int]:
+    """MHA head counts of the space's largest and smallest archs (what attention-map KD must match)."""
+    return {op.heads for arch in (space.largest(), space.smallest()) for op in space.plan(arch)[1]
+            if hasattr(op, "heads")}
+
+
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """Every check that needs no worker: the student, the teacher, head counts, precision. Absolute paths out."""
     from transformers import AutoConfig
@@ -160,15 +166,13 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         space = load_space(cfg.space, cfg.space_overrides or None)
         if Path(cfg.space).expanduser().exists():
             raw["space"] = str(Path(cfg.space).expanduser().resolve())
-        heads = {op.heads for arch in (space.largest(), space.smallest()) for op in space.plan(arch)[1]
-                 if hasattr(op, "heads")}
+        heads = _head_counts(space)
     elif cfg.init_from:
         from raynas.supernet.checkpoint import load_supernet
 
         net = load_supernet(cfg.init_from)  # ConfigError naming the file if it is missing or corrupt
         raw["init_from"] = str(Path(cfg.init_from).expanduser().resolve())
-        heads = {op.heads for arch in (net.space.largest(), net.space.smallest()) for op in net.space.plan(arch)[1]
-                 if hasattr(op, "heads")}
+        heads = _head_counts(net.space)
     else:
         raw["model"] = where = resolve_teacher(cfg.model, "model")
         try:

@@ -10,6 +10,7 @@ the archs and masks an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -24,29 +25,32 @@ STATE_FILE, STUDENT_FILE, SUPERNET_DIR, MODEL_DIR, ARCH_LOG_DIR = (
     "trainer_state.json", "student.pt", "supernet", "model", "archs")
 
 
-def build_student(cfg: Any, teacher: Any = None) -> tuple[Any, Any]:
-    """``(TrainStudent, space or None)`` for ``cfg``: a supernet from a space / a saved supernet, or a plain model."""
+def build_net(cfg: Any) -> tuple[Any, Any]:
+    """``(net, space or None)``: a supernet from a space / a saved supernet, or a plain model; seeded alike everywhere."""
     import torch
-
-    from raynas.training.objectives import SupernetObjective
-    from raynas.training.student import TrainStudent
 
     torch.manual_seed(cfg.seed)  # same initial weights (and projection) on every worker
     if cfg.model:
-        net, space = load_plain_student(cfg.model, eager=cfg.objective.attention_weight > 0), None
-        width = net.config.hidden_size
-    elif cfg.init_from:
+        return load_plain_student(cfg.model, eager=cfg.objective.attention_weight > 0), None
+    if cfg.init_from:
         from raynas.supernet.checkpoint import load_supernet
 
         net = load_supernet(cfg.init_from).train()
-        space, width = net.space, net.space.max_hidden
-    else:
-        from raynas.spaces import load_space
-        from raynas.supernet import Supernet
+        return net, net.space
+    from raynas.spaces import load_space
+    from raynas.supernet import Supernet
 
-        space = load_space(cfg.space, cfg.space_overrides or None)
-        net = Supernet.from_space(space, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-        width = space.max_hidden
+    space = load_space(cfg.space, cfg.space_overrides or None)
+    return Supernet.from_space(space, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout), space
+
+
+def build_student(cfg: Any, teacher: Any = None) -> tuple[Any, Any]:
+    """``(TrainStudent, space or None)`` for ``cfg``: the net of :func:`build_net` and its objective."""
+    from raynas.training.objectives import SupernetObjective
+    from raynas.training.student import TrainStudent
+
+    net, space = build_net(cfg)
+    width = net.config.hidden_size if space is None else space.max_hidden
     o = cfg.objective
     inplace = cfg.sampler.name == "sandwich" and o.mode == "mlm" and space is not None
     objective = SupernetObjective(
@@ -131,10 +135,13 @@ def evaluate(student: Any, archs: dict[str, Any], batches: list[dict[str, Any]])
     active = getattr(student.net, "active_arch", None)
     student.eval()
     out = {}
+    losses: dict[str, list[float]] = {name: [] for name in archs}
     with torch.no_grad():
-        for name, arch in archs.items():
-            losses = [student(b, arch)[1]["loss"] for b in batches]
-            out[f"val_loss_{name}"] = sum(losses) / max(1, len(losses))
+        for b in batches:  # batch-major: a KD teacher runs once per batch, shared by every arch
+            for name, arch in archs.items():
+                losses[name].append(student(b, arch)[1]["loss"])
+    for name, values in losses.items():
+        out[f"val_loss_{name}"] = sum(values) / max(1, len(values))
     if active is not None:
         student.net.set_active(active)
     student.train(was_training)
@@ -192,7 +199,6 @@ def train_loop(config: dict[str, Any]) -> None:
     per_rank = not (ds.enabled and ds.zero_stage == 3)
     student, space = build_student(cfg, build_teacher(cfg))
     sampler = build_step_sampler(cfg, space, rank, world, per_rank)
-    archs_per_step = len(build_step_sampler(cfg, space, rank, world, per_rank).sample(0))
     inplace = sampler.inplace_distillation and cfg.objective.mode == "mlm"
     collator = MLMCollator(tokenizer, cfg.objective.mlm_probability, seed=cfg.seed * 1000 + rank)
     val_collator = MLMCollator(tokenizer, cfg.objective.mlm_probability, seed=12345)
@@ -201,19 +207,18 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_archs = {"largest": space.largest(), "smallest": space.smallest()} if space is not None else {"model": None}
 
     start, ckpt = 0, ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
+        if d is not None:  # the student's weights go in before the engine (ZeRO-3 partitions them)
             state = json.loads((Path(d) / STATE_FILE).read_text())
             student.load_state_dict(torch.load(Path(d) / STUDENT_FILE, weights_only=True))
             sampler.load_state_dict(state["sampler"][str(rank)])
             collator.load_state_dict({"generator": torch.tensor(state["collator"][str(rank)], dtype=torch.uint8)})
             start = state["step"]
-            engine = _engine(cfg, student, archs_per_step, micro, world)
+        engine = _engine(cfg, student, sampler.archs_per_step, micro, world)
+        if d is not None:
             engine.load(Path(d))
-        if rank == 0:
-            print(f"resumed from step {start}", file=sys.stderr)
-    else:
-        engine = _engine(cfg, student, archs_per_step, micro, world)
+            if rank == 0:
+                print(f"resumed from step {start}", file=sys.stderr)
     student = engine.module
     student.train()
     arch_log = _open_arch_log(out, rank, start)

@@ -54,6 +54,11 @@ class ArchSampler:
     def _draw(self) -> list[Any]:
         raise NotImplementedError
 
+    @property
+    def archs_per_step(self) -> int:
+        """How many archs every ``sample`` returns (the gradient-accumulation count)."""
+        raise NotImplementedError
+
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, "step": self.step, "rng": _rng_state(self.rng)}
 
@@ -80,6 +85,10 @@ class UniformSampler(ArchSampler):
     def _draw(self) -> list[Any]:
         return [self.space.sample(self.rng) for _ in range(self.per_batch)]
 
+    @property
+    def archs_per_step(self) -> int:
+        return self.per_batch
+
 
 class SandwichSampler(ArchSampler):
     """Largest, smallest and ``n_random`` random archs per batch (BigNAS / OFA sandwich rule).
@@ -98,6 +107,10 @@ class SandwichSampler(ArchSampler):
 
     def _draw(self) -> list[Any]:
         return [self.largest, self.smallest, *(self.space.sample(self.rng) for _ in range(self.n_random))]
+
+    @property
+    def archs_per_step(self) -> int:
+        return 2 + self.n_random
 
 
 class BatchwiseSampler(ArchSampler):
@@ -124,6 +137,10 @@ class BatchwiseSampler(ArchSampler):
     def _draw(self) -> list[Any]:
         return [self.space.sample(self.rng) for _ in range(self.per_worker)]
 
+    @property
+    def archs_per_step(self) -> int:
+        return self.per_worker
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rank": self.rank, "world_size": self.world_size}
 
@@ -144,6 +161,10 @@ class FixedSampler(ArchSampler):
 
     def _draw(self) -> list[Any]:
         return [self.arch]
+
+    @property
+    def archs_per_step(self) -> int:
+        return 1
 
 
 SAMPLERS: dict[str, type[ArchSampler]] = {
