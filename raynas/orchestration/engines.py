@@ -16,31 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from raynas.errors import ConfigError
+from raynas.training.optim import lr_lambda, param_groups
 
 OPTIM_FILE, DS_DIR = "optimizer.pt", "deepspeed"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def lr_lambda(steps: int, warmup_ratio: float) -> Any:
-    """Linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0 (BERT's schedule)."""
-    warmup = max(1, int(steps * warmup_ratio))
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    return f
-
-
-def param_groups(module: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorms, as BERT pre-training does."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "layernorm" in name.lower() or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
