@@ -3,14 +3,21 @@
 A plain torch loop rather than ``transformers.Trainer``: the same short, seeded code
 runs bert and raynas folders alike, in a Ray Tune trial or a test, and reports after
 every epoch through ``on_eval``. AdamW (no decay on biases and LayerNorms), linear
-warmup and decay, clipping at 1.0, dynamic padding per batch.
+warmup and decay, clipping at 1.0, dynamic padding per batch -- the optimizer and
+schedule are :mod:`raynas.training.optim`'s, shared with supernet pre-training.
+
+``device`` (``auto``: the GPU when this process sees one, as a Tune trial given
+``gpus_per_trial`` does) holds the student, the teacher and every batch, in training
+and evaluation alike; ``precision: bf16`` (or ``auto`` on cuda) runs the forwards
+under bf16 autocast, with fp32 weights and optimizer.
 
 Task distillation is NAS-BERT's second stage and TinyBERT's task KD: a frozen teacher
 fine-tuned on the same task sees each batch, and the loss is
 ``(1 - kd_alpha) * task loss + kd_alpha * soft loss`` -- KL between the softened
 distributions times T^2 (start and end distributions for QA), or MSE between scores
 for STS-B -- plus ``kd_hidden_weight`` times the MSE between last hidden states, through
-a learned projection when widths differ (trained with the student, not saved).
+a learned projection when widths differ (trained with the student, not saved). The
+loss terms are pre-training's (:mod:`raynas.training.objectives`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -37,10 +43,11 @@ from raynas.evaluation import qa_features
 from raynas.evaluation.metrics import glue_metrics, primary_metric
 from raynas.evaluation.tasks import Task, get_task, load_task_split
 from raynas.teachers import resolve_teacher
+from raynas.training.objectives import HiddenDistillation, logits_distillation, score_distillation, span_distillation
+from raynas.training.optim import Placement, adamw, warmup_schedule
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOG_EVERY = 50
-_MASKED_LOGIT = -1e4  # padding positions of QA logits, before the distillation softmax
 
 
 @dataclass
@@ -68,6 +75,8 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
     kd_hidden_weight: float = 0.0  # > 0: add MSE between last hidden states (projected when widths differ)
     threads: int | None = None  # torch threads for this run (restored afterwards)
+    device: str = "auto"  # auto (cuda when this process sees a GPU, else cpu), cpu, cuda, cuda:N
+    precision: str = "fp32"  # fp32, bf16 (autocast; cuda only), auto (bf16 on cuda, fp32 on cpu)
     output_dir: str | None = None  # save model + tokenizer + finetune.json here, atomically (replaces the folder)
 
 
@@ -81,6 +90,7 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None)
     (this evaluation); SQuAD adds train_features and eval_features (windows).
     """
     task = _validate(cfg)
+    placement = Placement.resolve(cfg.device, cfg.precision)  # a bad device or precision fails before loading
     model_dir = resolve_teacher(cfg.model, "model")
     teacher_dir = resolve_teacher(cfg.teacher, "teacher") if cfg.teacher is not None else None
     if cfg.output_dir is not None:
@@ -91,7 +101,7 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, task, model_dir, teacher_dir, on_eval)
+        return _run(cfg, task, model_dir, teacher_dir, placement, on_eval)
     finally:
         torch.set_num_threads(threads)
 
@@ -266,55 +276,32 @@ class _Objective(nn.Module):
         super().__init__()
         self.kind, self.student, self.teacher = kind, student, teacher
         self.alpha, self.temperature, self.hidden_weight = cfg.kd_alpha, cfg.kd_temperature, cfg.kd_hidden_weight
-        self.projection: nn.Module | None = None
-        if teacher is not None and self.hidden_weight > 0:
-            width, target = student.config.hidden_size, teacher.config.hidden_size
-            self.projection = nn.Identity() if width == target else nn.Linear(width, target)
+        self.hidden: HiddenDistillation | None = None
+        if teacher is not None and self.hidden_weight > 0:  # a projection only when the widths differ
+            self.hidden = HiddenDistillation(student.config.hidden_size, teacher.config.hidden_size)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        hidden = self.projection is not None
+        hidden = self.hidden is not None
         out = self.student(**inputs, **{k: v for k, v in batch.items() if k in LABEL_KEYS},
                            output_hidden_states=hidden)
         if self.teacher is None:
             return out.loss
         with torch.no_grad():
             ref = self.teacher(**inputs, output_hidden_states=hidden)
-        loss = (1 - self.alpha) * out.loss + self.alpha * self._soft(out, ref, batch["attention_mask"])
-        if hidden:
-            loss = loss + self.hidden_weight * self._hidden(out.hidden_states[-1], ref.hidden_states[-1],
-                                                            batch["attention_mask"])
+        mask = batch["attention_mask"]
+        loss = (1 - self.alpha) * out.loss + self.alpha * self._soft(out, ref, mask)
+        if self.hidden is not None:
+            loss = loss + self.hidden_weight * self.hidden(out.hidden_states[-1], ref.hidden_states[-1], mask)
         return loss
-
-    def _kl(self, student: Tensor, teacher: Tensor) -> Tensor:
-        t = self.temperature
-        return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
-                        reduction="batchmean", log_target=True) * t * t
 
     def _soft(self, out: Any, ref: Any, mask: Tensor) -> Tensor:
         if self.kind == "regression":
-            return F.mse_loss(out.logits.squeeze(-1), ref.logits.squeeze(-1))
+            return score_distillation(out.logits, ref.logits)
         if self.kind == "classification":
-            return self._kl(out.logits, ref.logits)
-        pad = mask == 0  # no probability on padding positions, for either model
-        start = self._kl(out.start_logits.masked_fill(pad, _MASKED_LOGIT), ref.start_logits.masked_fill(pad, _MASKED_LOGIT))
-        end = self._kl(out.end_logits.masked_fill(pad, _MASKED_LOGIT), ref.end_logits.masked_fill(pad, _MASKED_LOGIT))
-        return (start + end) / 2
-
-    def _hidden(self, student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-        """MSE over real tokens between the (projected) student and the teacher last hidden states."""
-        assert self.projection is not None
-        keep = mask.unsqueeze(-1).to(student.dtype)
-        squared = (self.projection(student) - teacher).pow(2) * keep
-        return squared.sum() / (keep.sum() * teacher.size(-1)).clamp_min(1.0)
-
-
-def _optimizer(objective: _Objective, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and LayerNorm weights (every tensor under 2-D) take no weight decay."""
-    params = [p for p in objective.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+            return logits_distillation(out.logits, ref.logits, self.temperature)
+        return span_distillation(out.start_logits, out.end_logits, ref.start_logits, ref.end_logits, mask,
+                                 self.temperature)
 
 
 def _seed(seed: int) -> None:
@@ -323,64 +310,64 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | None,
+def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | None, placement: Placement,
          on_eval: Callable[[dict], None] | None) -> dict[str, Any]:
-    from transformers import get_linear_schedule_with_warmup
-
     _seed(cfg.seed)
     tokenizer = _load_tokenizer("model", model_dir)
     model = _load_task_model("model", model_dir, task, as_teacher=False)
     _check_positions("model", model, cfg.max_seq_len)
     teacher = _load_teacher(cfg, task, teacher_dir, tokenizer) if teacher_dir is not None else None
     data = _load_data(cfg, task, tokenizer)
-    objective = _Objective(cfg, task.kind, model, teacher)
+    objective = _Objective(cfg, task.kind, model, teacher).to(placement.device)  # student, teacher, projection
     collate = _collate(tokenizer.pad_token_id or 0)
     loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=placement.device.type == "cuda")
     per_epoch = len(loader)
     total = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs > 0 else cfg.max_steps
     total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-    optimizer = _optimizer(objective, cfg)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    optimizer = adamw(objective, cfg.lr, cfg.weight_decay)  # the teacher is frozen: not in the groups
+    schedule = warmup_schedule(optimizer, total, cfg.warmup_ratio)
     trainable = [p for p in objective.parameters() if p.requires_grad]
     base = {"task": task.name, "model": cfg.model, "teacher": cfg.teacher, "lr": cfg.lr, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "train_samples": data.train_samples,
-            "eval_samples": data.eval_samples}
+            "eval_samples": data.eval_samples, "device": str(placement.device)}
     if task.kind == "extractive_qa":
         base.update(train_features=len(data.train), eval_features=len(data.eval_inputs))
     step, train_time, results = 0, 0.0, dict(base)
     window_steps, window_time = 0, 0.0  # for steps/s over the last LOG_EVERY steps, evaluation excluded
     _log(f"finetune {task.name}: {data.train_samples} train / {data.eval_samples} eval samples, {total} steps "
-         f"({per_epoch}/epoch), batch {cfg.batch_size}{', teacher ' + cfg.teacher if cfg.teacher else ''}")
+         f"({per_epoch}/epoch), batch {cfg.batch_size} on {placement.device}"
+         f"{', teacher ' + cfg.teacher if cfg.teacher else ''}")
     while step < total:
         objective.train()
         if teacher is not None:
             teacher.eval()
         started = tick = time.perf_counter()
-        losses: list[float] = []
+        losses: list[Tensor] = []  # detached, read back once per log line / epoch: no GPU sync per step
         for batch in loader:
-            loss = objective(batch)
+            with placement.autocast():
+                loss = objective(placement.batch(batch))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss.detach())
             step += 1
             now = time.perf_counter()
             window_steps, window_time, tick = window_steps + 1, window_time + now - tick, now
             if step % LOG_EVERY == 0:
-                _log(f"finetune {task.name}: step {step}/{total} loss {np.mean(losses[-LOG_EVERY:]):.4f} "
+                _log(f"finetune {task.name}: step {step}/{total} loss {_mean(losses[-LOG_EVERY:]):.4f} "
                      f"lr {schedule.get_last_lr()[0]:.2e} {window_steps / window_time:.2f} steps/s")
                 window_steps, window_time = 0, 0.0
             if step >= total:
                 break
         train_time += time.perf_counter() - started
         started = time.perf_counter()
-        metrics = _evaluate(model, task, data, collate, cfg.batch_size)
+        metrics = _evaluate(model, task, data, collate, cfg.batch_size, placement)
         eval_time = time.perf_counter() - started
         results = {**base, **metrics, "score": metrics[primary_metric(task.name)], "epoch": round(step / per_epoch, 4),
-                   "steps": step, "train_loss": float(np.mean(losses)), "train_time_s": round(train_time, 3),
+                   "steps": step, "train_loss": _mean(losses), "train_time_s": round(train_time, 3),
                    "eval_time_s": round(eval_time, 3)}
         _log(f"finetune {task.name}: epoch {results['epoch']:g} step {step} {primary_metric(task.name)} "
              f"{results['score']:.4f} (train {train_time:.1f} s, eval {eval_time:.1f} s)")
@@ -391,6 +378,11 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
     return results
 
 
+def _mean(losses: list[Tensor]) -> float:
+    """The mean of per-step losses as the float64 mean of their float32 values (one device-to-host copy)."""
+    return float(np.mean(torch.stack(losses).float().tolist()))
+
+
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -398,26 +390,32 @@ def _log(line: str) -> None:
 # ---- evaluation and saving ------------------------------------------------------------------
 @torch.no_grad()
 def _predict(model: nn.Module, rows: list[dict[str, Any]], collate: Callable, batch_size: int,
-             qa: bool) -> list[Any]:
-    """Outputs per row, in row order; batches are formed by length so little is padding."""
+             qa: bool, placement: Placement) -> list[Any]:
+    """Outputs per row, in row order, as float32 numpy; batches are formed by length so little is padding."""
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     out: list[Any] = [None] * len(rows)
     for begin in range(0, len(order), batch_size):
         chunk = order[begin:begin + batch_size]
-        result = model(**collate([rows[i] for i in chunk]))
+        with placement.autocast():
+            result = model(**placement.batch(collate([rows[i] for i in chunk])))
+        if qa:
+            starts, ends = result.start_logits.float().cpu().numpy(), result.end_logits.float().cpu().numpy()
+        else:
+            logits = result.logits.float().cpu().numpy()
         for k, i in enumerate(chunk):
             if qa:
                 n = len(rows[i]["input_ids"])
-                out[i] = (result.start_logits[k, :n].float().numpy(), result.end_logits[k, :n].float().numpy())
+                out[i] = (starts[k, :n], ends[k, :n])
             else:
-                out[i] = result.logits[k].float().numpy()
+                out[i] = logits[k]
     return out
 
 
-def _evaluate(model: nn.Module, task: Task, data: _Data, collate: Callable, batch_size: int) -> dict[str, float]:
+def _evaluate(model: nn.Module, task: Task, data: _Data, collate: Callable, batch_size: int,
+              placement: Placement) -> dict[str, float]:
     qa = task.kind == "extractive_qa"
-    outputs = _predict(model, data.eval_inputs, collate, 2 * batch_size, qa)
+    outputs = _predict(model, data.eval_inputs, collate, 2 * batch_size, qa, placement)
     if not qa:
         return {k: float(v) for k, v in glue_metrics(task.name, np.stack(outputs), data.eval_labels).items()}
     assert data.eval_examples is not None and data.eval_qa is not None

@@ -1,4 +1,4 @@
-"""CPU inference latency of encoders, and speedup against a reference, as AutoTinyBERT reports it.
+"""Inference latency of encoders (CPU by default), and speedup against a reference, as AutoTinyBERT reports it.
 
 AutoTinyBERT (Yin et al. 2021) gives each searched model a *speedup*: the
 reference's latency divided by the model's, measured on CPU with batch 1 and
@@ -18,6 +18,12 @@ models in rounds -- every round runs each model once, the order alternating
 between rounds so no model always runs first on a cold cache or right after
 another's allocations -- spreads any slow period over all models alike; medians
 then absorb stray outliers. Pure torch: no Ray here.
+
+``device="cuda"`` times on a GPU instead: model and inputs move there, and the
+clock is read only after ``torch.cuda.synchronize``, before and after the forward,
+since kernel launches return before the GPU has done the work (without it one
+would time the launch, not the model). A module passed in goes back to the device
+it came from.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import nn
 import raynas  # noqa: F401  (registers model_type "raynas" with the Auto classes, so raynas folders load)
 from raynas.errors import ConfigError
 from raynas.teachers import resolve_teacher
+from raynas.training.optim import Placement
 
 ModelRef = str | os.PathLike | nn.Module
 Row = dict[str, Any]
@@ -50,6 +57,7 @@ class _Prepared:
     inputs: dict[str, torch.Tensor]
     params: int
     was_training: bool
+    was_device: torch.device | None  # where the module's weights were before timing (None: no weights)
 
 
 def _check_int(name: str, value: Any, least: int) -> None:
@@ -86,8 +94,12 @@ def load_encoder(model_or_path: ModelRef) -> nn.Module:
         raise ConfigError(f"{text}: cannot load with AutoModel ({first})") from None
 
 
-def _prepare(name: str, model_or_path: ModelRef, seq_len: int, batch_size: int, seed: int) -> _Prepared:
-    """Load, switch to eval, and draw the seeded random inputs sized to the model's vocabulary."""
+def _prepare(name: str, model_or_path: ModelRef, seq_len: int, batch_size: int, seed: int,
+             placement: Placement) -> _Prepared:
+    """Load, switch to eval, draw the seeded random inputs sized to the model's vocabulary, move both to the device.
+
+    The ids are drawn on cpu whatever the device, so every device times the same inputs.
+    """
     model = load_encoder(model_or_path)
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
@@ -98,22 +110,25 @@ def _prepare(name: str, model_or_path: ModelRef, seq_len: int, batch_size: int, 
         raise ConfigError(f"{name}: seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = placement.batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     params = sum(p.numel() for p in model.parameters())  # parameters() counts tied weights once
     was_training = model.training
-    model.eval()
-    return _Prepared(name, model, inputs, params, was_training)
+    was_device = next((p.device for p in model.parameters()), None)
+    model.eval().to(placement.device)
+    return _Prepared(name, model, inputs, params, was_training, was_device)
 
 
-def _time_once(prepared: _Prepared) -> float:
-    """Wall-clock milliseconds of one forward pass."""
+def _time_once(prepared: _Prepared, placement: Placement) -> float:
+    """Wall-clock milliseconds of one forward pass, queued GPU work included."""
     with torch.inference_mode():
+        placement.synchronize()  # nothing earlier (the inputs' copy, the last model) is charged to this one
         start = time.perf_counter()
         prepared.model(**prepared.inputs)
+        placement.synchronize()
         return (time.perf_counter() - start) * 1e3
 
 
-def _interleaved(models: Sequence[_Prepared], warmup: int, repeats: int) -> list[list[float]]:
+def _interleaved(models: Sequence[_Prepared], warmup: int, repeats: int, placement: Placement) -> list[list[float]]:
     """Per model, ``repeats`` forward times, each round timing every model once in alternating order.
 
     The garbage collector is paused while timing: a collection triggered by one
@@ -125,12 +140,12 @@ def _interleaved(models: Sequence[_Prepared], warmup: int, repeats: int) -> list
     try:
         for _ in range(warmup):
             for prepared in models:
-                _time_once(prepared)
+                _time_once(prepared, placement)
         times: list[list[float]] = [[] for _ in models]
         for r in range(repeats):
             order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
             for i in order:
-                times[i].append(_time_once(models[i]))
+                times[i].append(_time_once(models[i], placement))
         return times
     finally:
         if was_enabled:
@@ -150,41 +165,45 @@ def _summary(prepared: _Prepared, times: Sequence[float], seq_len: int, batch_si
 
 
 def _run(named: Sequence[tuple[str, ModelRef]], seq_len: int, batch_size: int, threads: int | None, warmup: int,
-         repeats: int, seed: int) -> list[Row]:
-    """Load every model, time them interleaved under ``threads``, and restore threads and train/eval state."""
+         repeats: int, seed: int, device: str) -> list[Row]:
+    """Load every model, time them interleaved under ``threads`` on ``device``; restore threads, mode and device."""
     _check_settings(seq_len, batch_size, threads, warmup, repeats)
+    placement = Placement.resolve(device)
     prepared: list[_Prepared] = []
     saved_threads = torch.get_num_threads()
     try:
         for name, ref in named:  # all loaded (and checked) before any time is spent
-            prepared.append(_prepare(name, ref, seq_len, batch_size, seed))
+            prepared.append(_prepare(name, ref, seq_len, batch_size, seed, placement))
         if threads is not None:
             torch.set_num_threads(threads)
-        times = _interleaved(prepared, warmup, repeats)
+        times = _interleaved(prepared, warmup, repeats, placement)
         return [_summary(p, t, seq_len, batch_size) for p, t in zip(prepared, times)]
     finally:
         torch.set_num_threads(saved_threads)
         for p in prepared:
             p.model.train(p.was_training)
+            if p.was_device is not None and p.was_device != placement.device:
+                p.model.to(p.was_device)
 
 
 def measure_latency(model_or_path: ModelRef, seq_len: int = 128, batch_size: int = 1, threads: int | None = None,
-                    warmup: int = 3, repeats: int = 20, seed: int = 0) -> Row:
+                    warmup: int = 3, repeats: int = 20, seed: int = 0, device: str = "cpu") -> Row:
     """Median, p90 and min forward milliseconds of one model's base encoder, and its parameter count.
 
     ``model_or_path`` is an ``nn.Module`` (a model with a head is timed through
     its ``base_model``), a model folder (raynas or bert), a packaged teacher name
     or a hub name. ``threads`` sets ``torch.set_num_threads`` for the
     measurement only; the returned ``threads`` is the count actually used. A
-    module passed in gets its train/eval mode back afterwards.
+    module passed in gets its train/eval mode and its device back afterwards.
+    ``device``: ``cpu`` (the papers' protocol), ``cuda``/``cuda:N``, or ``auto``.
     """
     name = type(model_or_path).__name__ if isinstance(model_or_path, nn.Module) else str(model_or_path)
-    return _run([(name, model_or_path)], seq_len, batch_size, threads, warmup, repeats, seed)[0]
+    return _run([(name, model_or_path)], seq_len, batch_size, threads, warmup, repeats, seed, device)[0]
 
 
 def compare_latency(paths: Sequence[str | os.PathLike], reference: str | os.PathLike, seq_len: int = 128,
                     batch_size: int = 1, threads: int | None = None, warmup: int = 3, repeats: int = 20,
-                    seed: int = 0) -> list[Row]:
+                    seed: int = 0, device: str = "cpu") -> list[Row]:
     """One row per model, timed interleaved with the reference: ``measure_latency``'s keys plus
     ``model`` (the path as given) and ``speedup = reference latency_ms / latency_ms``.
 
@@ -200,6 +219,6 @@ def compare_latency(paths: Sequence[str | os.PathLike], reference: str | os.Path
     ref_name = str(reference)
     if ref_name not in names:
         names.insert(0, ref_name)
-    rows = _run([(n, n) for n in names], seq_len, batch_size, threads, warmup, repeats, seed)
+    rows = _run([(n, n) for n in names], seq_len, batch_size, threads, warmup, repeats, seed, device)
     ref_ms = rows[names.index(ref_name)]["latency_ms"]
     return [{"model": n, **row, "speedup": ref_ms / row["latency_ms"]} for n, row in zip(names, rows)]

@@ -5,6 +5,10 @@ module only builds the search space, runs one ``Tuner`` per task (tasks have
 their own grids: SQuAD's differs from GLUE's), and turns Tune's results into
 rows of one declared Arrow schema. Every trial lands in the table, failed ones
 with their error, so a sweep is auditable afterwards.
+
+Devices: a trial given GPUs (``gpus_per_trial``) fine-tunes on ``cuda`` -- Ray makes
+exactly its GPUs visible to it -- and one without runs on ``cpu``; an explicit
+``fixed.device`` wins. The device a trial ran on is in its row (``device``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ TRIAL_SCHEMA = pa.schema([
     ("model", pa.string()), ("task", pa.string()), ("lr", pa.float64()), ("epochs", pa.float64()),
     ("batch_size", pa.int32()), ("seed", pa.int32()), ("max_seq_len", pa.int32()), ("teacher", pa.string()),
     *((m, pa.float64()) for m in METRICS),
-    ("train_time_s", pa.float64()), ("eval_time_s", pa.float64()), ("steps", pa.int64()),
+    ("train_time_s", pa.float64()), ("eval_time_s", pa.float64()), ("steps", pa.int64()), ("device", pa.string()),
     ("status", pa.string()), ("error", pa.string()), ("trial_id", pa.string()),
 ])
 
@@ -66,6 +70,13 @@ class SweepConfig:
             raise ValueError(f"num_samples: expected >= 1, got {self.num_samples}")
         if self.cpus_per_trial <= 0:
             raise ValueError(f"cpus_per_trial: expected > 0, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0:
+            raise ValueError(f"gpus_per_trial: expected >= 0, got {self.gpus_per_trial}")
+        device = str(self.fixed.get("device", "auto"))
+        if self.gpus_per_trial > 0 and device == "cpu":
+            raise ValueError("fixed.device: cpu, but gpus_per_trial > 0 reserves GPUs no trial would use")
+        if self.gpus_per_trial == 0 and device.startswith("cuda"):
+            raise ValueError(f"fixed.device: {device} needs gpus_per_trial > 0 (a trial sees no GPU without one)")
 
 
 def _finetune_fields() -> set[str]:
@@ -97,13 +108,29 @@ def _space(spec: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: fine-tune and report after each evaluation (runs in a Ray worker)."""
+    import ray
     from ray import tune
 
     from raynas.evaluation.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(**{k: v for k, v in config.items() if k in _finetune_fields()})
-    result = finetune(cfg, on_eval=lambda r: tune.report(_numeric(r)))
-    tune.report({**_numeric(result), "final": 1})
+    cfg.device = trial_device(cfg.device, ray.get_gpu_ids())
+    on_gpu = {"cuda": int(cfg.device.startswith("cuda"))}  # Tune metrics are numbers; the row names the device
+    result = finetune(cfg, on_eval=lambda r: tune.report({**_numeric(r), **on_gpu}))
+    tune.report({**_numeric(result), **on_gpu, "final": 1})
+
+
+def trial_device(requested: str, gpu_ids: list[Any]) -> str:
+    """The device a trial fine-tunes on: ``auto`` means cuda when Ray assigned this trial a GPU, else cpu.
+
+    Decided from Ray's assignment rather than ``torch.cuda.is_available()`` alone, so
+    a trial without GPUs stays on cpu even where a GPU is visible to the process
+    (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``). Ray exposes exactly the
+    assigned GPUs, so ``cuda`` is the first of them.
+    """
+    if requested != "auto":
+        return requested
+    return "cuda" if gpu_ids else "cpu"
 
 
 def _numeric(result: dict[str, Any]) -> dict[str, float]:
@@ -180,12 +207,19 @@ def _row(result: Any, task: str) -> dict[str, Any]:
         "model": c.get("model"), "task": task, "lr": c.get("lr"), "epochs": c.get("epochs"),
         "batch_size": c.get("batch_size"), "seed": c.get("seed"), "max_seq_len": c.get("max_seq_len"),
         "teacher": c.get("teacher"), "train_time_s": m.get("train_time_s"), "eval_time_s": m.get("eval_time_s"),
-        "steps": m.get("steps"), "status": "error" if error else ("ok" if m.get("final") else "incomplete"),
+        "steps": m.get("steps"), "device": _device_name(m, c), "status": "error" if error else ("ok" if m.get("final") else "incomplete"),
         "error": (str(error).strip().splitlines() or [""])[-1][:500] if error else None,
         "trial_id": m.get("trial_id"),
     }
     row.update({k: (float(m[k]) if m.get(k) is not None else None) for k in METRICS})
     return row
+
+
+def _device_name(metrics: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """cuda / cpu as the trial reported it; the configured device when it reported nothing (failed early)."""
+    if "cuda" in metrics:
+        return "cuda" if metrics["cuda"] else "cpu"
+    return config.get("device")
 
 
 def best_per_task(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ Batch = Mapping[str, Tensor]
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 MODES = ("mlm", "kd")
 LOGIT_POSITIONS = ("masked", "all")
+MASKED_LOGIT = -1e4  # padding positions of span logits: finite (no NaN in softmax), ~0 probability
 
 
 def _zero(like: Tensor) -> Tensor:
@@ -95,7 +96,10 @@ class HiddenDistillation(nn.Module):
 def logits_distillation(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
 ) -> Tensor:
-    """KL(teacher || student) of the softened MLM distributions, times T^2, mean over ``mask`` positions.
+    """KL(teacher || student) of the softened distributions over the last axis, times T^2, mean over ``mask`` positions.
+
+    The last axis is the vocabulary (MLM), the classes (a classification head) or the
+    token positions (:func:`span_distillation`); every other axis is a row.
 
     KL rather than soft cross-entropy: same gradient, but 0 when the two agree,
     which makes the logged number readable. T^2 keeps the gradient scale
@@ -112,6 +116,28 @@ def logits_distillation(
         s, t = s[keep], t[keep]
     kl = (t.exp() * (t - s)).sum(-1)
     return kl.mean() * temperature**2
+
+
+def score_distillation(student_scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """MSE between the student's and the teacher's scores: a regression head (STS-B) has no distribution to soften."""
+    return F.mse_loss(student_scores.squeeze(-1), teacher_scores.squeeze(-1).to(student_scores.dtype))
+
+
+def span_distillation(student_start: Tensor, student_end: Tensor, teacher_start: Tensor, teacher_end: Tensor,
+                      attention_mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Extractive QA: the mean of :func:`logits_distillation` over the start and the end distributions.
+
+    Each ``[B, T]`` row is a distribution over token positions; padding positions get
+    logit ``MASKED_LOGIT`` in both models first, so neither puts mass on them and a
+    batch's padding length does not change the loss.
+    """
+    pad = attention_mask == 0
+
+    def kl(student: Tensor, teacher: Tensor) -> Tensor:
+        return logits_distillation(student.masked_fill(pad, MASKED_LOGIT), teacher.masked_fill(pad, MASKED_LOGIT),
+                                   temperature)
+
+    return (kl(student_start, teacher_start) + kl(student_end, teacher_end)) / 2
 
 
 def attention_distillation(student: Tensor, teacher: Tensor, attention_mask: Tensor | None = None) -> Tensor:

@@ -1,7 +1,8 @@
-"""The optimizer pieces that supernet pre-training and task fine-tuning share: AdamW groups and the LR schedule.
+"""What the training loops share: AdamW groups, the LR schedule, and where / in what precision a loop runs.
 
 Pure torch, so the Ray/DeepSpeed engine and the plain fine-tuning loop build the
-same optimizer from one definition instead of two that drift apart.
+same optimizer from one definition instead of two that drift apart, and
+fine-tuning and latency measurement read a ``device`` setting the same way.
 
 Both loops use BERT's recipe: AdamW with no weight decay on biases and
 normalisation weights, and a linear warmup followed by a linear decay to 0. The
@@ -11,10 +12,17 @@ results reproduce exactly (see :func:`linear_warmup_decay`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 from torch import nn
+
+from raynas.errors import ConfigError
+
+DEVICE_TYPES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -71,3 +79,66 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     warmup = int(warmup_ratio * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer,
                                              linear_warmup_decay(total_steps, warmup, ramp_from_zero=ramp_from_zero))
+
+
+# ---- device and precision ------------------------------------------------------------------
+def resolve_device(name: str, field: str = "device") -> torch.device:
+    """``auto``: cuda when this process sees a GPU (a Ray worker given one sees exactly it), else cpu.
+
+    An explicit ``cuda`` without a visible GPU is an error here, before any model
+    loads, rather than a CUDA error deep inside the first forward.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ConfigError(f"{field}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{field}: {name} requested, but torch sees no GPU (use auto or cpu)")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device, field: str = "precision") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is bf16 on cuda and fp32 on cpu; bf16 on cpu is refused (CPU runs stay
+    fp32, as DeepSpeed's CPU path does), so a config cannot silently run slower.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{field}: expected one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"{field}: bf16 autocast needs a cuda device, got {device}")
+    return torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loop's models and batches live and which autocast its forwards run under: one object to pass."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+
+    @classmethod
+    def resolve(cls, device: str, precision: str = "fp32") -> Placement:
+        where = resolve_device(device)
+        return cls(where, autocast_dtype(precision, where))
+
+    def batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor of ``batch`` on the device (non-blocking: the loader pins memory on cuda)."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def autocast(self) -> ContextManager[Any]:
+        """bf16 autocast when configured, else nothing (so fp32 runs are bit-identical to no autocast)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work, so a wall-clock reading covers it; a no-op on cpu."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
