@@ -46,8 +46,8 @@ def bert_config_for(config: RaynasConfig) -> BertConfig | None:
     mhas, ffns = ops[0::2], ops[1::2]
     if not all(isinstance(m, MHA) for m in mhas) or not all(isinstance(f, FFN) for f in ffns):
         return None
-    if len(set(mhas)) != 1 or len(set(ffns)) != 1 or mhas[0].inner != config.hidden_size:
-        return None
+    if len(set(mhas)) != 1 or len(set(ffns)) != 1 or mhas[0].inner != config.hidden_size or ffns[0].inner == 0:
+        return None  # bert has one head count and FFN size for all layers, q = hidden, and no empty blocks
     return BertConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=len(mhas),
         num_attention_heads=mhas[0].heads, intermediate_size=ffns[0].inner, hidden_act="gelu",

@@ -1,13 +1,19 @@
 """The raynas encoder: BERT embeddings, a chain of op-layers, BERT heads.
 
-Every op is written once as a function of its weights (``mha_op``, ``ffn_op``,
-``conv_op``, ...). The plain modules below call those functions with their own
-parameters; the elastic supernet calls the same functions with slices of its
-larger parameters. Hence an extracted model computes exactly what the
-supernet's active path computes.
+Every op is written once as a function of its *layers* (``mha_op``, ``ffn_op``,
+``conv_op``, ...): callables ``Tensor -> Tensor``. The plain modules below pass
+their own ``nn.Linear`` / ``nn.Conv1d`` / ``nn.LayerNorm`` submodules, so the
+exported model is made of standard modules that its forward *calls* (as
+transformers' ``modeling_bert.py``): quantizers, hooks, LoRA adapters,
+``torch.compile`` and exporters see and replace them. The elastic supernet
+passes the same functions ``F.linear`` / ``F.layer_norm`` over slices of its
+larger weights (:mod:`raynas.supernet.elastic`). Hence an extracted model
+computes exactly what the supernet's active path computes.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +32,10 @@ from raynas.models.configuration_raynas import RaynasConfig
 from raynas.spaces.ops import FFN, MHA, OpSpec, SepConv
 
 Tensor = torch.Tensor
-WB = tuple[Tensor, Tensor | None]  # (weight, bias)
+Layer = Callable[[Tensor], Tensor]  # an nn.Module (exported model) or a functional slice (supernet)
 
 
-# ---- ops as functions of their weights ------------------------------------------------
+# ---- ops as functions of their layers --------------------------------------------------
 def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``[B, T]`` 1/0 mask -> ``[B, 1, 1, T]`` additive mask for attention scores."""
     if attention_mask is None:
@@ -39,22 +45,20 @@ def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor |
 
 def embed_op(
     input_ids: Tensor, token_type_ids: Tensor | None, position_ids: Tensor | None,
-    word: Tensor, position: Tensor, token_type: Tensor, ln: WB, eps: float, dropout: float, training: bool,
-    pad: int | None = None,
+    word: Layer, position: Layer, token_type: Layer, norm: Layer, dropout: float, training: bool,
 ) -> Tensor:
     seq = input_ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(seq, device=input_ids.device)[None, :]
     if token_type_ids is None:
         token_type_ids = torch.zeros_like(input_ids)
-    h = F.embedding(input_ids, word, pad) + F.embedding(token_type_ids, token_type) + F.embedding(position_ids, position)
-    h = F.layer_norm(h, (h.shape[-1],), ln[0], ln[1], eps)
-    return F.dropout(h, dropout, training)
+    h = word(input_ids) + token_type(token_type_ids) + position(position_ids)
+    return F.dropout(norm(h), dropout, training)
 
 
 def mha_op(
-    x: Tensor, mask: Tensor | None, q: WB, k: WB, v: WB, o: WB, ln: WB,
-    heads: int, head_dim: int, eps: float, attn_dropout: float, dropout: float, training: bool,
+    x: Tensor, mask: Tensor | None, query: Layer, key: Layer, value: Layer, dense: Layer, norm: Layer,
+    heads: int, head_dim: int, attn_dropout: float, dropout: float, training: bool,
     return_probs: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Post-LN self-attention block. ``mask``: additive, broadcastable to ``[B, heads, T, T]``.
@@ -65,51 +69,43 @@ def mha_op(
     differentiable, for attention-map distillation.
     """
     b, t, _ = x.shape
-
-    def split(w: WB) -> Tensor:
-        return F.linear(x, *w).view(b, t, heads, head_dim).transpose(1, 2)
-
     p_drop = attn_dropout if training else 0.0
+
+    def split(proj: Layer) -> Tensor:
+        return proj(x).view(b, t, heads, head_dim).transpose(1, 2)
+
     if return_probs:
-        qh, kh, vh = split(q), split(k), split(v)
+        qh, kh, vh = split(query), split(key), split(value)
         scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * head_dim**-0.5
         if mask is not None:
             scores = scores + mask.float()
         probs = torch.softmax(scores, dim=-1).to(vh.dtype)
         ctx = torch.matmul(F.dropout(probs, p_drop, training), vh)
     else:
-        ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=p_drop)
+        ctx = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, dropout_p=p_drop)
     ctx = ctx.transpose(1, 2).reshape(b, t, heads * head_dim)
-    out = F.dropout(F.linear(ctx, *o), dropout, training)
-    out = F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+    out = norm(x + F.dropout(dense(ctx), dropout, training))
     return (out, probs) if return_probs else out
 
 
-def ffn_op(x: Tensor, inner: WB, outer: WB, ln: WB, eps: float, dropout: float, training: bool) -> Tensor:
-    out = F.dropout(F.linear(F.gelu(F.linear(x, *inner)), *outer), dropout, training)
-    return F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+def ffn_op(x: Tensor, intermediate: Layer, output: Layer, norm: Layer, dropout: float, training: bool) -> Tensor:
+    return norm(x + F.dropout(output(F.gelu(intermediate(x))), dropout, training))
 
 
 def conv_op(
-    x: Tensor, keep: Tensor | None, inp: WB, conv: WB, outp: WB, ln: WB,
-    kernel: int, eps: float, dropout: float, training: bool,
+    x: Tensor, keep: Tensor | None, in_proj: Layer, conv: Layer, out_proj: Layer, norm: Layer,
+    dropout: float, training: bool,
 ) -> Tensor:
-    h = F.linear(x, *inp)
+    """``conv``: a depth-wise ``Conv1d`` over ``[B, C, T]`` that keeps the length (padding ``kernel // 2``)."""
+    h = in_proj(x)
     if keep is not None:  # padding must not leak into real tokens through the kernel
         h = h * keep[:, :, None].to(h.dtype)
-    h = F.conv1d(h.transpose(1, 2), conv[0], conv[1], padding=kernel // 2, groups=h.shape[-1])
-    out = F.dropout(F.linear(F.gelu(h.transpose(1, 2)), *outp), dropout, training)
-    return F.layer_norm(x + out, (x.shape[-1],), ln[0], ln[1], eps)
+    h = conv(h.transpose(1, 2))
+    return norm(x + F.dropout(out_proj(F.gelu(h.transpose(1, 2))), dropout, training))
 
 
-def mlm_op(h: Tensor, dense: WB, ln: WB, decoder: Tensor, bias: Tensor, eps: float) -> Tensor:
-    h = F.gelu(F.linear(h, *dense))
-    h = F.layer_norm(h, (h.shape[-1],), ln[0], ln[1], eps)
-    return F.linear(h, decoder, bias)
-
-
-def _wb(m: nn.Linear | nn.Conv1d | nn.LayerNorm) -> WB:
-    return m.weight, m.bias
+def mlm_op(h: Tensor, dense: Layer, norm: Layer, decoder: Layer, bias: Tensor) -> Tensor:
+    return decoder(norm(F.gelu(dense(h)))) + bias
 
 
 # ---- plain modules ------------------------------------------------------------------------
@@ -121,16 +117,15 @@ class RaynasEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.eps, self.p, self.pad = config.layer_norm_eps, config.hidden_dropout_prob, config.pad_token_id
+        self.p = config.hidden_dropout_prob
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
-        return embed_op(
-            input_ids, token_type_ids, position_ids, self.word_embeddings.weight, self.position_embeddings.weight,
-            self.token_type_embeddings.weight, _wb(self.LayerNorm), self.eps, self.p, self.training, self.pad,
-        )
+        return embed_op(input_ids, token_type_ids, position_ids, self.word_embeddings, self.position_embeddings,
+                        self.token_type_embeddings, self.LayerNorm, self.p, self.training)
 
 
 class RaynasAttention(nn.Module):
+
     def __init__(self, config: RaynasConfig, spec: MHA) -> None:
         super().__init__()
         d, q = config.hidden_size, spec.inner
@@ -138,29 +133,28 @@ class RaynasAttention(nn.Module):
         self.query, self.key, self.value = nn.Linear(d, q), nn.Linear(d, q), nn.Linear(d, q)
         self.dense = nn.Linear(q, d)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.eps, self.p_attn, self.p = config.layer_norm_eps, config.attention_probs_dropout_prob, config.hidden_dropout_prob
+        self.p_attn, self.p = config.attention_probs_dropout_prob, config.hidden_dropout_prob
 
     def forward(
         self, x: Tensor, mask: Tensor | None, keep: Tensor | None, output_attentions: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """The block output; ``(output, probs [B, heads, T, T])`` when ``output_attentions``."""
-        return mha_op(
-            x, mask, _wb(self.query), _wb(self.key), _wb(self.value), _wb(self.dense), _wb(self.LayerNorm),
-            self.spec.heads, self.spec.head_dim, self.eps, self.p_attn, self.p, self.training,
-            return_probs=output_attentions,
-        )
+        return mha_op(x, mask, self.query, self.key, self.value, self.dense, self.LayerNorm,
+                      self.spec.heads, self.spec.head_dim, self.p_attn, self.p, self.training,
+                      return_probs=output_attentions)
 
 
 class RaynasFeedForward(nn.Module):
+
     def __init__(self, config: RaynasConfig, spec: FFN) -> None:
         super().__init__()
         d = config.hidden_size
         self.intermediate, self.output = nn.Linear(d, spec.inner), nn.Linear(spec.inner, d)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.eps, self.p = config.layer_norm_eps, config.hidden_dropout_prob
+        self.p = config.hidden_dropout_prob
 
     def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
-        return ffn_op(x, _wb(self.intermediate), _wb(self.output), _wb(self.LayerNorm), self.eps, self.p, self.training)
+        return ffn_op(x, self.intermediate, self.output, self.LayerNorm, self.p, self.training)
 
 
 class RaynasSepConv(nn.Module):
@@ -172,13 +166,37 @@ class RaynasSepConv(nn.Module):
         self.conv = nn.Conv1d(c, c, spec.kernel, padding=spec.kernel // 2, groups=c)
         self.out_proj = nn.Linear(c, d)
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.eps, self.p = config.layer_norm_eps, config.hidden_dropout_prob
+        self.p = config.hidden_dropout_prob
 
     def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None) -> Tensor:
-        return conv_op(
-            x, keep, _wb(self.in_proj), _wb(self.conv), _wb(self.out_proj), _wb(self.LayerNorm),
-            self.spec.kernel, self.eps, self.p, self.training,
-        )
+        return conv_op(x, keep, self.in_proj, self.conv, self.out_proj, self.LayerNorm, self.p, self.training)
+
+
+class RaynasEmptyBlock(nn.Module):
+    """An MHA block with 0 heads or an FFN block with 0 neurons (every one pruned): ``LayerNorm(x + bias)``.
+
+    What the gated model computed there: the output projection's bias and the
+    residual LayerNorm remain, so the block is not the identity. It holds no
+    zero-size ``nn.Linear`` (``quantize_dynamic`` fails on those, and a LoRA
+    config targeting ``query`` / ``intermediate`` would wrap empty layers).
+    ``bias`` is the pruned block's ``dense.bias`` / ``output.bias``.
+    """
+
+    def __init__(self, config: RaynasConfig, spec: MHA | FFN) -> None:
+        super().__init__()
+        self.spec = spec
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.p = config.hidden_dropout_prob
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, keep: Tensor | None, output_attentions: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``output_attentions`` (an MHA block): ``(output, probs [B, 0, T, T])``."""
+        out = self.LayerNorm(x + F.dropout(self.bias.expand_as(x), self.p, self.training))
+        if output_attentions:
+            return out, x.new_zeros(x.shape[0], 0, x.shape[1], x.shape[1])
+        return out
 
 
 class RaynasIdentity(nn.Module):
@@ -187,6 +205,8 @@ class RaynasIdentity(nn.Module):
 
 
 def build_op(config: RaynasConfig, spec: OpSpec) -> nn.Module:
+    if isinstance(spec, (MHA, FFN)) and spec.inner == 0:
+        return RaynasEmptyBlock(config, spec)
     if isinstance(spec, MHA):
         return RaynasAttention(config, spec)
     if isinstance(spec, FFN):
@@ -213,10 +233,9 @@ class RaynasMLMHead(nn.Module):
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(d, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.eps = config.layer_norm_eps
 
     def forward(self, h: Tensor) -> Tensor:
-        return mlm_op(h, _wb(self.dense), _wb(self.LayerNorm), self.decoder.weight, self.bias, self.eps)
+        return mlm_op(h, self.dense, self.LayerNorm, self.decoder, self.bias)
 
 
 # ---- transformers models --------------------------------------------------------------------
@@ -266,7 +285,7 @@ class RaynasModel(RaynasPreTrainedModel):
         mask = additive_mask(attention_mask, h.dtype)
         states, attentions = [h], []
         for layer in self.layers:
-            if output_attentions and isinstance(layer, RaynasAttention):
+            if output_attentions and isinstance(getattr(layer, "spec", None), MHA):
                 h, probs = layer(h, mask, attention_mask, output_attentions=True)
                 attentions.append(probs)
             else:

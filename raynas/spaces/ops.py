@@ -129,6 +129,9 @@ class Identity:
 OpSpec = Union[MHA, FFN, SepConv, Identity]
 
 _FIELDS = {"mha": ("heads", "head_dim"), "ffn": ("inner",), "conv": ("kernel", "inner"), "id": ()}
+# A pruned model may keep an MHA block with no heads or an FFN block with no neurons: it still adds the
+# output bias and applies the residual LayerNorm, which is not the identity (see modeling_raynas.mha_op).
+_LEAST = {("mha", "heads"): 0, ("ffn", "inner"): 0}
 
 
 def op_from_dict(raw: Any, where: str = "op") -> OpSpec:
@@ -142,10 +145,10 @@ def op_from_dict(raw: Any, where: str = "op") -> OpSpec:
     require(not extra, f"{where}: unknown field(s) {extra} for op {kind!r}")
     values = {}
     for name in fields:
-        value = raw.get(name)
+        value, least = raw.get(name), _LEAST.get((kind, name), 1)
         require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{where}.{name}: expected a positive integer, got {value!r}",
+            isinstance(value, int) and not isinstance(value, bool) and value >= least,
+            f"{where}.{name}: expected {'a positive' if least else 'a non-negative'} integer, got {value!r}",
         )
         values[name] = value
     if kind == "mha":

@@ -9,13 +9,14 @@ extracted model cannot drift from the supernet's active path.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from raynas.models.modeling_raynas import conv_op, embed_op, ffn_op, mha_op, mlm_op
+from raynas.models.modeling_raynas import Layer, conv_op, embed_op, ffn_op, mha_op, mlm_op
 from raynas.spaces.base import EmbeddingShape
 from raynas.spaces.ops import FFN, MHA, OpSpec, SepConv
 
@@ -23,8 +24,14 @@ Tensor = torch.Tensor
 Params = dict[str, Tensor]
 
 
-def _wb(p: Params, name: str) -> tuple[Tensor, Tensor]:
-    return p[f"{name}.weight"], p[f"{name}.bias"]
+def _linear(p: Params, name: str) -> Layer:
+    """The functional twin of the plain model's ``nn.Linear`` named ``name``, over its active slice."""
+    return partial(F.linear, weight=p[f"{name}.weight"], bias=p.get(f"{name}.bias"))
+
+
+def _norm(p: Params, eps: float, name: str = "LayerNorm") -> Layer:
+    w = p[f"{name}.weight"]
+    return partial(F.layer_norm, normalized_shape=(w.shape[0],), weight=w, bias=p[f"{name}.bias"], eps=eps)
 
 
 class _Corner(torch.autograd.Function):
@@ -105,8 +112,11 @@ class ElasticEmbeddings(nn.Module):
     def forward(self, d: int, input_ids: Tensor, token_type_ids: Tensor | None, position_ids: Tensor | None) -> Tensor:
         p = self.active_params(d)
         return embed_op(
-            input_ids, token_type_ids, position_ids, p["word_embeddings.weight"], p["position_embeddings.weight"],
-            p["token_type_embeddings.weight"], _wb(p, "LayerNorm"), self.eps, self.p, self.training, self.pad,
+            input_ids, token_type_ids, position_ids,
+            partial(F.embedding, weight=p["word_embeddings.weight"], padding_idx=self.pad),
+            partial(F.embedding, weight=p["position_embeddings.weight"]),
+            partial(F.embedding, weight=p["token_type_embeddings.weight"]),
+            _norm(p, self.eps), self.p, self.training,
         )
 
 
@@ -164,8 +174,9 @@ class ElasticMHA(nn.Module):
         """The block output; ``(output, probs [B, spec.heads, T, T])`` when ``output_attentions``."""
         p = self.active_params(x.shape[-1], spec)
         return mha_op(
-            x, mask, _wb(p, "query"), _wb(p, "key"), _wb(p, "value"), _wb(p, "dense"), _wb(p, "LayerNorm"),
-            spec.heads, spec.head_dim, self.eps, self.p_attn, self.p, self.training, return_probs=output_attentions,
+            x, mask, _linear(p, "query"), _linear(p, "key"), _linear(p, "value"), _linear(p, "dense"),
+            _norm(p, self.eps), spec.heads, spec.head_dim, self.p_attn, self.p, self.training,
+            return_probs=output_attentions,
         )
 
 
@@ -187,7 +198,7 @@ class ElasticFFN(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: FFN) -> Tensor:
         p = self.active_params(x.shape[-1], spec)
-        return ffn_op(x, _wb(p, "intermediate"), _wb(p, "output"), _wb(p, "LayerNorm"), self.eps, self.p, self.training)
+        return ffn_op(x, _linear(p, "intermediate"), _linear(p, "output"), _norm(p, self.eps), self.p, self.training)
 
 
 class ElasticSepConv(nn.Module):
@@ -214,10 +225,10 @@ class ElasticSepConv(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, keep: Tensor | None, spec: SepConv) -> Tensor:
         p = self.active_params(x.shape[-1], spec)
-        return conv_op(
-            x, keep, _wb(p, "in_proj"), _wb(p, "conv"), _wb(p, "out_proj"), _wb(p, "LayerNorm"),
-            spec.kernel, self.eps, self.p, self.training,
-        )
+        conv = partial(F.conv1d, weight=p["conv.weight"], bias=p["conv.bias"], padding=spec.kernel // 2,
+                       groups=spec.inner)
+        return conv_op(x, keep, _linear(p, "in_proj"), conv, _linear(p, "out_proj"), _norm(p, self.eps), self.p,
+                       self.training)
 
 
 class ElasticOpLayer(nn.Module):
@@ -269,7 +280,7 @@ class ElasticPooler(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         p = self.active_params(h.shape[-1])
-        return torch.tanh(nn.functional.linear(h[:, 0], *_wb(p, "dense")))
+        return torch.tanh(_linear(p, "dense")(h[:, 0]))
 
 
 class ElasticMLMHead(nn.Module):
@@ -289,4 +300,4 @@ class ElasticMLMHead(nn.Module):
 
     def forward(self, h: Tensor, decoder: Tensor) -> Tensor:
         p = self.active_params(h.shape[-1])
-        return mlm_op(h, _wb(p, "dense"), _wb(p, "LayerNorm"), decoder, p["bias"], self.eps)
+        return mlm_op(h, _linear(p, "dense"), _norm(p, self.eps), partial(F.linear, weight=decoder), p["bias"])

@@ -1,8 +1,14 @@
-"""The elastic supernet for any space: ``set_active(arch)``, forward, ``extract(arch)``.
+"""The elastic supernet for any space: ``set_active(arch)``, ``forward(..., arch=)``, ``extract(arch)``.
 
 AutoTinyBERT's SuperPLM and NAS-BERT's layer-wise supernet are the same class:
 the space says which elastic op each op-layer holds (``space.slots()``) and
 which of them an arch runs (``space.plan(arch)``). Pure torch: no Ray here.
+
+Search evaluates thousands of archs against one trained supernet, from several
+callers at once: ``forward(..., arch=a)`` runs ``a`` without touching the
+active arch (no shared state is written), and :meth:`Supernet.to_state` /
+:meth:`Supernet.from_state` carry the supernet as plain tensors, so a driver
+can put it in Ray's object store once instead of every task re-reading disk.
 """
 
 from __future__ import annotations
@@ -41,10 +47,19 @@ class SupernetConfig:
 
 
 @dataclass
+class SupernetState:
+    """A supernet as plain data: ``SupernetConfig`` fields, CPU tensors by parameter name, the active arch."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]
+    active_arch: str
+
+
+@dataclass
 class SupernetOutput:
     last_hidden_state: Tensor
     pooler_output: Tensor
-    logits: Tensor
+    logits: Tensor | None  # None with return_logits=False
     loss: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = field(default=None)
     attentions: tuple[Tensor, ...] | None = None  # one [B, heads, T, T] per MHA op-layer (output_attentions)
@@ -74,6 +89,25 @@ class Supernet(nn.Module):
     def from_space(cls, space: Space, **kwargs: Any) -> Supernet:
         return cls(SupernetConfig(space=space.to_dict(), **kwargs))
 
+    # ---- in-memory state -------------------------------------------------------------------
+    def to_state(self) -> SupernetState:
+        """Config + CPU tensors + the active arch: everything :meth:`from_state` needs, picklable, no files."""
+        tensors = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        return SupernetState(self.config.to_dict(), tensors, self.space.format(self.active_arch))
+
+    @classmethod
+    def from_state(cls, state: SupernetState, device: torch.device | str | None = None) -> Supernet:
+        """The supernet ``state`` describes (see :meth:`to_state`), in eval mode, on ``device`` (default CPU).
+
+        Built on the meta device and then given the state's tensors, so no random
+        initialisation is spent on weights that are overwritten at once.
+        """
+        with torch.device("meta"):
+            net = cls(SupernetConfig(**state.config))
+        net.load_state_dict(state.tensors, strict=True, assign=True)
+        net.set_active(state.active_arch)
+        return net.to(device or "cpu").eval()
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
@@ -88,9 +122,7 @@ class Supernet(nn.Module):
     def set_active(self, arch: Any) -> Any:
         """Run ``arch`` from now on; returns the parsed arch. ConfigError if not in the space."""
         arch = self.space.validate(arch)
-        hidden, ops = self.space.plan(arch)
-        if len(ops) > len(self.layers):
-            raise ConfigError(f"arch {arch} has {len(ops)} op-layers, the supernet {len(self.layers)}")
+        hidden, ops = self._plan(arch)
         self.active_arch, self.active_hidden, self.active_ops = arch, hidden, ops
         return arch
 
@@ -106,15 +138,26 @@ class Supernet(nn.Module):
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        *,
+        arch: Any = None,
+        return_logits: bool = True,
     ) -> SupernetOutput:
-        """``output_attentions``: ``attentions`` gets one ``[B, heads, T, T]`` probability tensor
-        (before dropout) per MHA op-layer of the active arch, in order, as the extracted model's.
+        """Run ``arch`` (default: the active arch) on a batch.
+
+        ``arch`` given: that arch runs and the active arch is left as it was, so
+        several callers can evaluate archs on one shared instance concurrently.
+        ``output_attentions``: ``attentions`` gets one ``[B, heads, T, T]`` probability
+        tensor (before dropout) per MHA op-layer of the arch, in order, as the
+        extracted model's. ``return_logits=False`` skips the MLM head (a
+        vocabulary-wide matmul) when no loss reads it; ``labels`` then must be None.
         """
-        d = self.active_hidden
+        if labels is not None and not return_logits:
+            raise ValueError("labels need the MLM logits: pass return_logits=True")
+        d, ops = self._plan(arch)
         h = self.embeddings(d, input_ids, token_type_ids, position_ids)
         mask = additive_mask(attention_mask, h.dtype)
         states, attentions = [h], []
-        for layer, spec in zip(self.layers, self.active_ops):
+        for layer, spec in zip(self.layers, ops):
             if output_attentions:
                 h, probs = layer(h, mask, attention_mask, spec, output_attentions=True)
                 if probs is not None:
@@ -122,7 +165,7 @@ class Supernet(nn.Module):
             else:
                 h = layer(h, mask, attention_mask, spec)
             states.append(h)
-        logits = self.cls(h, self.embeddings.word_embeddings.weight[:, :d])
+        logits = self.cls(h, self.embeddings.word_embeddings.weight[:, :d]) if return_logits else None
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1))
@@ -141,9 +184,13 @@ class Supernet(nn.Module):
         )
 
     def _plan(self, arch: Any) -> tuple[int, tuple[OpSpec, ...]]:
+        """``(hidden, ops)`` of ``arch`` (default: the active arch); ConfigError if not in the space."""
         if arch is None:
             return self.active_hidden, self.active_ops
-        return self.space.plan(self.space.validate(arch))
+        hidden, ops = self.space.plan(self.space.validate(arch))
+        if len(ops) > len(self.layers):
+            raise ConfigError(f"arch {arch} has {len(ops)} op-layers, the supernet {len(self.layers)}")
+        return hidden, ops
 
     @torch.no_grad()
     def extract(self, arch: Any = None) -> RaynasForMaskedLM:
