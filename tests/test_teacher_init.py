@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 from conftest import batch
-from transformers import AutoModel, BertConfig, BertForMaskedLM
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from raynas.cli import main
 from raynas.export import export_model
@@ -34,7 +34,8 @@ def test_largest_subnet_is_the_teacher(teacher_dir, tmp_path, strategy, capsys):
     assert main(["init", "--teacher", str(teacher_dir), "--strategy", strategy, "--out", str(out)]) == 0
     net = load_supernet(out)
     assert str(net.active_arch) == "2-32-64-4-32" and net.space.strategy == strategy
-    assert load_supernet_tokenizer(out) is not None
+    tok, want_tok = load_supernet_tokenizer(out), AutoTokenizer.from_pretrained(teacher_dir)
+    assert type(tok) is type(want_tok) and tok.get_vocab() == want_tok.get_vocab()
     teacher = BertForMaskedLM.from_pretrained(teacher_dir).eval()
     ids, mask = batch()
     with torch.no_grad():
