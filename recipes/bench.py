@@ -5,11 +5,17 @@
     raynas bench supernet --supernet runs/supernet --threads 4 --out runs/bench/mine.parquet
     raynas bench train                                     # supernet-tiny.yaml, 20 steps, 1 and 2 workers
     raynas bench train --config recipes/configs/supernet-tiny.yaml --steps 30 --workers 1,2,4 --no-deepspeed
+    raynas bench fitness                                   # 100 archs of autotinybert-mlm, 2 batches of 8 x 128
+    raynas bench fitness --supernet runs/supernet --archs 200 --batches 4
 
 ``supernet`` times one MLM training step (zero_grad, forward, backward) of a
 supernet's active path against the extracted standalone model on the same
 batch, for archs sampled from the space, and reports the ratio of the two
 (1.0: weight sharing costs nothing per step).
+
+``fitness`` scores archs by validation MLM loss (the search's proxy fitness)
+through one shared supernet, and again by extracting each arch, and reports
+both wall times and the largest disagreement.
 
 ``train`` measures training throughput on Ray Train: the supernet (M sampled
 sub-models per batch per worker) against its largest sub-model trained alone as
@@ -37,6 +43,10 @@ SUPERNET_SCHEMA = pa.schema([
     ("arch", pa.string()), ("params", pa.int64()), ("supernet_ms", pa.float64()), ("extracted_ms", pa.float64()),
     ("ratio", pa.float64()), ("batch", pa.int32()), ("seq_len", pa.int32()), ("threads", pa.int32()),
     ("space", pa.string()),
+])
+FITNESS_SCHEMA = pa.schema([
+    ("arch", pa.string()), ("params", pa.int64()), ("shared_loss", pa.float64()), ("extracted_loss", pa.float64()),
+    ("abs_diff", pa.float64()),
 ])
 
 
@@ -67,6 +77,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     s.add_argument("--out", default="runs/bench/supernet.parquet",
                    help="Parquet table to write (default: runs/bench/supernet.parquet)")
     s.set_defaults(run=bench_supernet)
+
+    f = sub.add_parser(
+        "fitness", help="proxy fitness of N archs: one shared supernet vs extracting each",
+        description="Score N archs sampled from the space (the largest and smallest included) by validation MLM "
+                    "loss on seeded batches, once through one shared supernet (forward(arch=), batch-major) and "
+                    "once by extracting each arch and evaluating the extracted model alone. Prints progress on "
+                    "stderr, then both wall times, their ratio and the largest loss difference, and writes the "
+                    "per-arch table as Parquet.",
+    )
+    fsrc = f.add_mutually_exclusive_group()
+    fsrc.add_argument("--space", help=f"search space: a shipped name or a YAML path (default: {DEFAULT_SPACE}); "
+                                      "randomly initialised (seeded by --seed)")
+    fsrc.add_argument("--supernet", metavar="DIR", help="load this saved supernet folder instead (its own space)")
+    f.add_argument("--archs", type=int, default=100, metavar="N", help="archs to score, >= 2 (default: 100)")
+    f.add_argument("--batches", type=int, default=2, help="validation batches (default: 2)")
+    f.add_argument("--batch", type=int, default=8, help="sequences per batch (default: 8)")
+    f.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    f.add_argument("--seed", type=int, default=0, help="seeds arch sampling, batches and the init (default: 0)")
+    f.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    f.add_argument("--out", default="runs/bench/fitness.parquet",
+                   help="Parquet table to write (default: runs/bench/fitness.parquet)")
+    f.set_defaults(run=bench_fitness)
 
     t = sub.add_parser(
         "train", help="training tokens/s: supernet (M sub-models per batch) vs its largest sub-model alone, 1 vs N workers",
@@ -115,12 +147,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def bench_supernet(args: argparse.Namespace) -> int:
-    _positive(args, "archs", "batch", "seq-len", "repeats", "threads")
-    _positive(args, "warmup", least=0)
+def _supernet(args: argparse.Namespace) -> Any:
+    """The supernet of ``--supernet`` or a seeded fresh one of ``--space``; sets ``--threads``."""
     import torch
 
-    from raynas.benchmarks import bench_step_time
     from raynas.spaces import load_space
     from raynas.supernet import Supernet, load_supernet
 
@@ -129,11 +159,49 @@ def bench_supernet(args: argparse.Namespace) -> int:
     if args.supernet is not None:
         if not Path(args.supernet).is_dir():
             raise ConfigError(f"--supernet {args.supernet}: no such folder")
-        net = load_supernet(args.supernet)
-    else:
-        space = load_space(args.space or DEFAULT_SPACE)
-        torch.manual_seed(args.seed)
-        net = Supernet.from_space(space)
+        return load_supernet(args.supernet)
+    space = load_space(args.space or DEFAULT_SPACE)
+    torch.manual_seed(args.seed)
+    return Supernet.from_space(space)
+
+
+def bench_fitness(args: argparse.Namespace) -> int:
+    _positive(args, "batches", "batch", "seq-len", "threads")
+    _positive(args, "archs", least=2)
+    import torch
+
+    from raynas.benchmarks.proxy_fitness import bench_proxy_fitness, mlm_batches
+
+    net = _supernet(args)
+    space = net.space
+    if args.seq_len > space.embeddings.max_position_embeddings:
+        raise ConfigError(f"--seq-len {args.seq_len}: the space has {space.embeddings.max_position_embeddings} "
+                          "positions")
+    rng = random.Random(args.seed)
+    archs = [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(args.archs - 2))]
+    batches = mlm_batches(space.embeddings.vocab_size, args.batches, args.batch, args.seq_len, args.seed)
+    print(f"space {space.name}: {len(archs)} archs, {args.batches} batches of {args.batch} x {args.seq_len}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr, flush=True)
+    rows, summary = bench_proxy_fitness(net, archs, batches, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    out = write_parquet(to_table(rows, FITNESS_SCHEMA), args.out)
+    print(f"{'path':<28}{'wall s':>10}{'ms / arch':>12}")
+    for name, key in (("shared supernet", "shared_s"), ("extract + evaluate each", "extracted_total_s"),
+                      ("  of which extraction", "extract_s")):
+        print(f"{name:<28}{summary[key]:>10.2f}{1000 * summary[key] / len(archs):>12.1f}")
+    print(f"extracted / shared: {summary['speedup']:.2f}x; max |loss difference| {summary['max_abs_diff']:.2e} "
+          f"over {len(archs)} archs")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def bench_supernet(args: argparse.Namespace) -> int:
+    _positive(args, "archs", "batch", "seq-len", "repeats", "threads")
+    _positive(args, "warmup", least=0)
+    import torch
+
+    from raynas.benchmarks import bench_step_time
+
+    net = _supernet(args)
     space = net.space  # bench_step_time checks --seq-len against the space's positions
     rng = random.Random(args.seed)
     archs = [space.sample(rng) for _ in range(args.archs)]

@@ -82,3 +82,21 @@ def test_bench_supernet_rejects_zero_archs(capsys: pytest.CaptureFixture) -> Non
 def test_bench_supernet_rejects_missing_supernet_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["bench", "supernet", "--supernet", str(tmp_path / "missing")]) == 2
     assert "--supernet" in capsys.readouterr().err
+
+
+def test_bench_fitness_agrees_with_extraction_and_writes_its_table(tiny_layerwise: Path, tmp_path: Path):
+    out = tmp_path / "fitness.parquet"
+    argv = ["fitness", "--space", str(tiny_layerwise), "--archs", "5", "--batches", "2", "--batch", "2",
+            "--seq-len", "16", "--out", str(out)]
+    assert bench.main(argv) == 0
+    table = pq.read_table(out)
+    assert table.schema == bench.FITNESS_SCHEMA
+    rows = table.to_pylist()
+    space = load_space(tiny_layerwise)
+    assert [r["arch"] for r in rows[:2]] == [space.format(space.largest()), space.format(space.smallest())]
+    assert len(rows) == 5 and all(r["abs_diff"] < 1e-5 and r["shared_loss"] > 0 for r in rows)
+
+
+def test_bench_fitness_rejects_too_long_sequences(tiny_homogeneous: Path, capsys):
+    assert cli_main(["bench", "fitness", "--space", str(tiny_homogeneous), "--seq-len", "65"]) == 2
+    assert "--seq-len 65" in capsys.readouterr().err
