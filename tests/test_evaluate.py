@@ -30,6 +30,7 @@ def test_sweep_lands_in_parquet_and_report_renders(tmp_path, ray_local, capsys):
     assert code == 0, capsys.readouterr().err[-3000:]
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 8 and set(trials["status"]) == {"ok"}  # 2 models x 2 lr x 2 seeds
+    assert set(trials["device"]) == {"cpu"}  # gpus_per_trial 0: every trial ran on the cpu
     assert trials["score"].between(0, 1).all() and (trials["train_time_s"] > 0).all()
     assert sorted(set(trials["lr"])) == [1e-3, 3e-3]
     best = pd.read_parquet(out / "best.parquet")

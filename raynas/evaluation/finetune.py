@@ -362,6 +362,7 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
                 window_steps, window_time = 0, 0.0
             if step >= total:
                 break
+        placement.synchronize()  # cuda: the epoch's queued steps belong to its training time
         train_time += time.perf_counter() - started
         started = time.perf_counter()
         metrics = _evaluate(model, task, data, collate, cfg.batch_size, placement)
