@@ -22,6 +22,22 @@ from raynas.errors import ConfigError
 T = TypeVar("T")
 
 
+class FieldErrors(ConfigError):
+    """Raised by a config dataclass's ``__post_init__`` with one message per bad field (named relative to it).
+
+    :func:`load_config` lists each with the field's dotted prefix, beside any type
+    errors, in its one error; built in code, the dataclass raises it as one ConfigError.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(_join(self.problems))
+
+
+def _join(errors: Sequence[str]) -> str:
+    return "; ".join(errors) if len(errors) == 1 else "\n  - " + "\n  - ".join(errors)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -71,7 +87,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     value = _build(cls, raw, "", errors)
     if errors:
         where = f"{path}: " if path else ""
-        raise ConfigError(where + ("; ".join(errors) if len(errors) == 1 else "\n  - " + "\n  - ".join(errors)))
+        raise ConfigError(where + _join(errors))
     return value
 
 
@@ -95,7 +111,10 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
         return None
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # __post_init__ checks
+    except FieldErrors as exc:
+        errors.extend(prefix + p for p in exc.problems)
+        return None
+    except (TypeError, ValueError) as exc:  # other __post_init__ checks
         errors.append(f"{prefix.rstrip('.') or 'config'}: {exc}")
         return None
 

@@ -90,3 +90,20 @@ def test_size_class(kind: str) -> None:
     seen = [size_class(space, a) for a in sampler.sample(0)]
     assert set(seen) == {"small", "medium", "large"}
     assert size_class(space, space.largest(), n=5) == "bin4"
+
+
+def test_registry_builds_each_config_sampler_with_its_options() -> None:
+    """One registry: sampler.name is checked against it and the worker builds from it via from_config."""
+    from raynas.training.config import SamplerConfig
+    from raynas.training.sampling import SAMPLER_NAMES, SAMPLERS
+
+    assert set(SAMPLER_NAMES) == {"uniform", "sandwich", "batchwise"}  # fixed: plain models only
+    space, cfg = tiny_space("mlm"), SamplerConfig(per_worker=3, n_random=2)
+    per_step = {"uniform": 3, "sandwich": 4, "batchwise": 3}
+    for name in SAMPLER_NAMES:
+        sampler = SAMPLERS[name].from_config(space, 5, cfg, rank=1, world_size=2)
+        assert sampler.name == name and sampler.archs_per_step == per_step[name]
+        assert len(sampler.sample(0)) == per_step[name]
+    batchwise = SAMPLERS["batchwise"].from_config(space, 5, cfg, rank=1, world_size=2)
+    assert (batchwise.rank, batchwise.world_size) == (1, 2)
+    assert run(batchwise, range(3)) == run(BatchwiseSampler(space, 5, per_worker=3, rank=1, world_size=2), range(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from transformers import BertConfig, BertForMaskedLM
 from raynas.config_loading import load_config
 from raynas.orchestration.supernet_training import TrainConfig, run_training
 from raynas.supernet.checkpoint import load_supernet
+from raynas.training.factories import build_net
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
 
@@ -58,8 +60,9 @@ def test_deepspeed_zero2_two_workers(tmp_path, tokenizer):
     assert metrics["step"] == 20
     assert metrics["val_loss_largest"] < metrics["initial_val_loss_largest"]
     assert metrics["val_loss_smallest"] < metrics["initial_val_loss_smallest"]
-    net = load_supernet(tmp_path / "run" / "supernet")
-    assert str(net.active_arch)
+    trained, (initial, _) = load_supernet(tmp_path / "run" / "supernet"), build_net(cfg)  # build_net: the seeded init
+    assert trained.space.to_dict() == initial.space.to_dict()
+    assert not torch.equal(trained.embeddings.word_embeddings.weight, initial.embeddings.word_embeddings.weight)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
     assert (tmp_path / "run" / "checkpoints" / "step-00000010" / "deepspeed").is_dir()
 
@@ -72,7 +75,7 @@ def test_ddp_resume(tmp_path, tokenizer):
     cfg.steps = 15
     second = run_training(cfg)
     assert second["step"] == 15
-    assert second["start_step"] >= 5
+    assert second["start_step"] == 10  # the first run's last checkpoint
 
 
 def _arch_log(run: Path, rank: int) -> list[dict]:
@@ -112,7 +115,7 @@ def test_sandwich_inplace_zero3_same_archs(tmp_path, tokenizer):
     logs = [_arch_log(tmp_path / "run", r) for r in (0, 1)]
     assert [e["arch"] for e in logs[0]] == [e["arch"] for e in logs[1]]
     assert "logits" not in logs[0][0] and all("logits" in e for e in logs[0][1:3])  # largest first, then taught
-    assert load_supernet(tmp_path / "run" / "supernet") is not None
+    assert str(load_supernet(tmp_path / "run" / "supernet").space.largest()) == logs[0][0]["arch"]  # sandwich: first
 
 
 def test_train_plain_model(tmp_path, tokenizer):
@@ -135,3 +138,15 @@ def test_train_plain_model(tmp_path, tokenizer):
     before, after = (AutoModel.from_pretrained(tmp_path / d) for d in ("student", "run/model"))
     assert torch.equal(before.pooler.dense.weight, after.pooler.dense.weight)  # kept, not re-initialised
     assert not torch.equal(before.encoder.layer[0].output.dense.weight, after.encoder.layer[0].output.dense.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deepspeed", ["true", "false"])
+def test_kd_on_cuda_one_worker(tmp_path, tokenizer, deepspeed):
+    """use_gpu: student, teacher and batches on the worker's GPU; precision auto = bf16 (DeepSpeed's, or DDP autocast)."""
+    cfg = _config(tmp_path, tokenizer, "kd", steps=6, checkpoint_every=6, eval_every=6, num_workers=1,
+                  use_gpu="true", **{"objective.mode": "kd", "objective.teacher": str(_teacher(tmp_path, tokenizer)),
+                                     "objective.attention_weight": 1.0, "deepspeed.enabled": deepspeed})
+    metrics = run_training(cfg)
+    assert metrics["step"] == 6
+    assert all(math.isfinite(metrics[k]) for k in ("loss", "val_loss_largest", "val_loss_smallest"))

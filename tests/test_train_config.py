@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ from transformers import BertConfig, BertForMaskedLM
 
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
-from raynas.orchestration.engines import deepspeed_config, lr_lambda, merge, param_groups, resolve_precision
-from raynas.orchestration.supernet_training import ObjectiveConfig, TrainConfig, load_tokenizer, preflight
+from raynas.orchestration.engines import deepspeed_config, lr_lambda, merge, param_groups
+from raynas.orchestration.supernet_training import TrainConfig, load_tokenizer, preflight
 from raynas.supernet import save_supernet
+from raynas.training.config import ObjectiveConfig, resolve_precision
 
 TEACHER_HEADS = 4  # the kd space's head count; the mlm space has 1-4 heads
 
@@ -141,6 +143,10 @@ def test_default_config_builds() -> None:
     ({"batch_size": 5, "num_workers": 2}, "mlm", ["batch_size", "num_workers"]),
     ({"max_failures": -2}, "mlm", ["max_failures"]),
     ({"objective": {"attention_weight": "lots"}}, "mlm", ["objective.attention_weight"]),
+    ({"objective": {"mode": "kd", "teacher": "t", "hidden_weight": 0.0}}, "kd", ["every kd loss weight"]),
+    ({"objective": {"temperature": 0.0}}, "mlm", ["objective.temperature"]),
+    ({"sampler": {"n_random": -1}}, "mlm", ["sampler.n_random"]),
+    ({"corpus": {"seq_len": 4}}, "mlm", ["corpus seq_len"]),
 ])
 def test_config_errors_name_the_field(raw: dict, kind: str | None, fields: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
@@ -149,15 +155,26 @@ def test_config_errors_name_the_field(raw: dict, kind: str | None, fields: list[
         assert text in str(info.value), (text, str(info.value))
 
 
-def test_objective_config_validate_directly() -> None:
-    ObjectiveConfig(mode="kd", teacher="t").validate()
-    ObjectiveConfig().validate()
-    with pytest.raises(ConfigError, match="objective.teacher"):
-        ObjectiveConfig(mode="kd").validate()
-    with pytest.raises(ConfigError, match="objective.teacher"):
-        ObjectiveConfig(mode="mlm", teacher="t").validate()
-    with pytest.raises(ConfigError, match="objective.mlm_probability"):
-        ObjectiveConfig(mlm_probability=0.0).validate()
+def test_every_bad_field_in_one_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config({"steps": 0, "sampler": {"per_worker": 0}, "deepspeed": {"zero_stage": 9},
+                     "objective": {"mode": "kd", "hidden_weight": -1.0}})
+    lines = str(info.value).splitlines()
+    assert lines[0] == "" and len(lines) == 1 + 5, lines  # one "  - field: ..." line per problem
+    for name in ("steps", "sampler.per_worker", "deepspeed.zero_stage", "objective.teacher",
+                 "objective.hidden_weight"):
+        assert any(line.startswith(f"  - {name}: ") for line in lines), (name, lines)
+
+
+def test_checks_apply_to_configs_built_in_code() -> None:
+    """dataclasses.replace (as bench train does) and direct construction are checked like YAML."""
+    cfg = make_config()
+    assert dataclasses.replace(cfg, num_workers=4).num_workers == 4
+    with pytest.raises(ConfigError, match="^batch_size: 16 is not a multiple of num_workers 3$"):
+        dataclasses.replace(cfg, num_workers=3)
+    with pytest.raises(ConfigError, match="objective.teacher: mode kd needs a teacher"):
+        TrainConfig(space="autotinybert-mlm", objective=ObjectiveConfig(mode="kd"))
+    TrainConfig(space="autotinybert-mlm", objective=ObjectiveConfig(mode="kd", teacher="t"))
 
 
 # ---------------------------------------------------------------- preflight
@@ -232,12 +249,15 @@ def test_preflight_model_attention_heads(tmp_path, teacher_dir, tokenizer) -> No
     preflight(same)
 
 
-def test_preflight_precision() -> None:
-    with pytest.raises(ConfigError, match="deepspeed.precision"):
-        preflight(make_config({"deepspeed": {"precision": "bf16"}}))  # use_gpu false
-    with pytest.raises(ConfigError, match="deepspeed.precision"):
-        preflight(make_config({"deepspeed": {"precision": "fp8"}}))
-    preflight(make_config({"deepspeed": {"precision": "fp32"}}))
+def test_precision_is_checked_with_the_config() -> None:
+    with pytest.raises(ConfigError, match="deepspeed.precision: bf16 needs use_gpu"):
+        make_config({"deepspeed": {"precision": "bf16"}})  # use_gpu false
+    with pytest.raises(ConfigError, match="deepspeed.precision: expected one of"):
+        make_config({"deepspeed": {"precision": "fp8"}})
+    with pytest.raises(ConfigError, match="deepspeed.precision: fp16 needs deepspeed.enabled"):
+        make_config({"use_gpu": True, "deepspeed": {"precision": "fp16", "enabled": False}})
+    assert make_config({"deepspeed": {"precision": "fp32"}}).precision == "fp32"
+    assert make_config({"use_gpu": True}).precision == "bf16"  # auto
 
 
 def test_preflight_bad_space_and_init_from(tmp_path) -> None:

@@ -67,11 +67,8 @@ TABLE_FILE, CORPUS_DIR, LARGEST_DIR = "bench_train.parquet", "corpus", "largest-
 
 
 def engine_name(cfg: TrainConfig) -> str:
-    from raynas.orchestration.engines import resolve_precision
-
     ds = cfg.deepspeed
-    precision = resolve_precision(ds.precision, cfg.use_gpu)
-    return f"deepspeed-zero{ds.zero_stage}-{precision}" if ds.enabled else f"ddp-{precision}"
+    return f"deepspeed-zero{ds.zero_stage}-{cfg.precision}" if ds.enabled else f"ddp-{cfg.precision}"
 
 
 def check_bench(cfg: TrainConfig, workers: Sequence[int]) -> list[int]:
@@ -86,14 +83,13 @@ def check_bench(cfg: TrainConfig, workers: Sequence[int]) -> list[int]:
             raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of {w} workers")
     if cfg.steps < 2:
         raise ConfigError(f"steps: expected >= 2 (the first step is not timed), got {cfg.steps}")
-    engine_name(cfg)  # precision check
     return ws
 
 
 def export_largest(cfg: TrainConfig, folder: Path, tokenizer: Any) -> tuple[Path, Any, Any]:
     """``(folder, space, largest arch)``: the largest sub-model of ``cfg``'s supernet as a transformers folder."""
     from raynas.export import export_model
-    from raynas.orchestration.train_worker import build_net
+    from raynas.training.factories import build_net
 
     net, space = build_net(cfg)  # the supernet a training run builds: same seed, dropout, weights
     largest = space.largest()

@@ -15,22 +15,13 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from raynas.errors import ConfigError
-from raynas.training.optim import lr_lambda, param_groups
+import torch
+
+from raynas.training.config import TrainConfig
+from raynas.training.optim import Placement, lr_lambda, param_groups
+from raynas.training.student import TrainStudent
 
 OPTIM_FILE, DS_DIR = "optimizer.pt", "deepspeed"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """``auto``: bf16 on GPU, fp32 on CPU (DeepSpeed's CPU path trains in fp32)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"deepspeed.precision: expected one of {list(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if use_gpu else "fp32"
-    if precision != "fp32" and not use_gpu:
-        raise ConfigError(f"deepspeed.precision: {precision} needs use_gpu=true (CPU training runs in fp32)")
-    return precision
 
 
 def deepspeed_config(zero_stage: int, precision: str, micro: int, accum: int, world: int,
@@ -56,12 +47,13 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 class Engine:
     """Wraps a TrainStudent for one worker; ``per_rank_archs`` says whether ranks may train different archs."""
 
-    def __init__(self, student: Any, *, deepspeed: bool, zero_stage: int, precision: str, ds_extra: dict[str, Any],
-                 lr: float, weight_decay: float, steps: int, warmup_ratio: float, archs_per_step: int,
-                 micro: int, world: int) -> None:
-        import torch
-
-        self.ds, self.archs_per_step = deepspeed, archs_per_step
+    def __init__(self, student: TrainStudent, *, deepspeed: bool, zero_stage: int, precision: str,
+                 ds_extra: dict[str, Any], lr: float, weight_decay: float, steps: int, warmup_ratio: float,
+                 archs_per_step: int, micro: int, world: int, placement: Placement) -> None:
+        """``student`` already on ``placement.device``; ``precision`` resolved (fp32 / bf16 / fp16) is
+        DeepSpeed's (it casts the weights); DDP keeps fp32 weights and runs forwards under
+        ``placement.autocast()``."""
+        self.ds, self.archs_per_step, self.placement = deepspeed, archs_per_step, placement
         self.per_rank_archs = not (deepspeed and zero_stage == 3)
         opt = torch.optim.AdamW(param_groups(student, weight_decay), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup_ratio))
@@ -91,7 +83,18 @@ class Engine:
         # with the accumulator, bypass the engine's forward: it hooks the outputs so that any backward
         # through them (autograd.grad included) would start a ZeRO reduction
         model = self.module if self.accumulator is not None else self.model
-        return model(batch, arch, teacher_out)
+        with self.placement.autocast():
+            return model(batch, arch, teacher_out)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, student: TrainStudent, archs_per_step: int, micro: int, world: int,
+                    placement: Placement) -> Engine:
+        """The engine ``cfg.deepspeed`` asks for, with ``cfg``'s optimizer and schedule."""
+        ds = cfg.deepspeed
+        return cls(student, deepspeed=ds.enabled, zero_stage=ds.zero_stage, precision=cfg.precision,
+                   ds_extra=ds.config, lr=cfg.lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
+                   warmup_ratio=cfg.warmup_ratio, archs_per_step=archs_per_step, micro=micro, world=world,
+                   placement=placement)
 
     def accumulate(self, loss: Any) -> None:
         """Backward of one sub-model's loss, scaled so the step's gradient is the mean over its sub-models."""
@@ -110,8 +113,6 @@ class Engine:
             self.model.step()
             self.accumulator.zero()
         elif not self.ds:
-            import torch
-
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
             self.opt.step()
             self.sched.step()
@@ -133,17 +134,13 @@ class Engine:
         if self.ds:
             self.model.save_checkpoint(str(folder / DS_DIR), tag="state", save_latest=False)
         elif rank == 0:
-            import torch
-
             torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, folder / OPTIM_FILE)
 
     def load(self, folder: Path) -> None:
         if self.ds:
             self.model.load_checkpoint(str(folder / DS_DIR), tag="state")
         else:
-            import torch
-
-            state = torch.load(folder / OPTIM_FILE, weights_only=False)
+            state = torch.load(folder / OPTIM_FILE, map_location=self.placement.device, weights_only=False)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
 

@@ -1,5 +1,10 @@
 """The Ray Train worker loop: one data-parallel replica of the student (a supernet or a plain model).
 
+A thin adapter: what a worker builds (student, teacher, sampler) and its
+validation loss are Ray-free (:mod:`raynas.training.factories`,
+:mod:`raynas.training.student`); here are the loop, the device, the engine and
+the checkpoint report.
+
 Each step a worker draws its sub-models (AutoTinyBERT batch-wise: M of its own
 per batch), runs them on its shard of the global batch, accumulates their
 gradients, and the engine (DeepSpeed ZeRO or DDP) averages across workers and
@@ -17,142 +22,28 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
 
 from raynas.errors import require
+from raynas.orchestration.engines import Engine
+from raynas.training.config import TrainConfig, config_from_dict
+from raynas.training.factories import build_step_sampler, build_student, build_teacher, save_final, train_placement
+from raynas.training.sampling import ArchSampler
+from raynas.training.student import TrainStudent, evaluate
 
-STATE_FILE, STUDENT_FILE, SUPERNET_DIR, MODEL_DIR, ARCH_LOG_DIR = (
-    "trainer_state.json", "student.pt", "supernet", "model", "archs")
+if TYPE_CHECKING:
+    from raynas.data.masking import MLMCollator
 
-
-def build_net(cfg: Any) -> tuple[Any, Any]:
-    """``(net, space or None)``: a supernet from a space / a saved supernet, or a plain model; seeded alike everywhere."""
-    import torch
-
-    torch.manual_seed(cfg.seed)  # same initial weights (and projection) on every worker
-    if cfg.model:
-        return load_plain_student(cfg.model, eager=cfg.objective.attention_weight > 0), None
-    if cfg.init_from:
-        from raynas.supernet.checkpoint import load_supernet
-
-        net = load_supernet(cfg.init_from).train()
-        return net, net.space
-    from raynas.spaces import load_space
-    from raynas.supernet import Supernet
-
-    space = load_space(cfg.space, cfg.space_overrides or None)
-    return Supernet.from_space(space, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout), space
-
-
-def build_student(cfg: Any, teacher: Any = None) -> tuple[Any, Any]:
-    """``(TrainStudent, space or None)`` for ``cfg``: the net of :func:`build_net` and its objective."""
-    from raynas.training.objectives import SupernetObjective
-    from raynas.training.student import TrainStudent
-
-    net, space = build_net(cfg)
-    width = net.config.hidden_size if space is None else space.max_hidden
-    o = cfg.objective
-    inplace = cfg.sampler.name == "sandwich" and o.mode == "mlm" and space is not None
-    objective = SupernetObjective(
-        o.mode, student_width=width, teacher_width=None if teacher is None else teacher.teacher.config.hidden_size,
-        hidden_weight=o.hidden_weight, attention_weight=o.attention_weight,
-        logits_weight=o.inplace_weight if inplace else o.logits_weight, mlm_weight=o.mlm_weight,
-        temperature=o.temperature, teacher=teacher, project=o.project)
-    return TrainStudent(net, objective), space
-
-
-def load_plain_student(path: str, eager: bool = False) -> Any:
-    """A masked-LM model that keeps its checkpoint's pooler, frozen.
-
-    ``*ForMaskedLM`` classes drop the pooler, so further training would hand back
-    a model whose ``AutoModel`` pooler is freshly random. No pre-training loss
-    touches the pooler: it is kept as loaded and frozen (no weight decay either).
-    """
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForMaskedLM
-
-    kw: dict[str, Any] = {"attn_implementation": "eager"} if eager else {}
-    if AutoConfig.from_pretrained(path).model_type == "raynas":
-        kw["add_pooling_layer"] = True
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists the pooler as unexpected: handled below
-    try:
-        net = AutoModelForMaskedLM.from_pretrained(path, **kw).train()
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    base = net.base_model
-    if getattr(base, "pooler", False) is None and net.config.model_type == "bert":
-        from transformers.models.bert.modeling_bert import BertPooler
-
-        base.pooler = BertPooler(net.config)
-        weights = Path(path) / "model.safetensors"
-        if weights.exists():
-            with safe_open(str(weights), "pt") as f:
-                state = {k.rsplit("pooler.", 1)[1]: f.get_tensor(k) for k in f.keys() if "pooler." in k}
-            if state:
-                base.pooler.load_state_dict(state)
-    if getattr(base, "pooler", None) is not None:
-        base.pooler.requires_grad_(False)
-    return net
-
-
-def build_teacher(cfg: Any) -> Any:
-    """The frozen teacher behind a TeacherCache (kd mode), or None."""
-    if cfg.objective.mode != "kd":
-        return None
-    from raynas.teachers import load_teacher
-    from raynas.training.objectives import TeacherCache
-
-    model, _ = load_teacher(cfg.objective.teacher)
-    if cfg.objective.attention_weight > 0:
-        model.set_attn_implementation("eager")  # SDPA cannot return attention probabilities
-    return TeacherCache(model, output_attentions=cfg.objective.attention_weight > 0)
-
-
-def build_step_sampler(cfg: Any, space: Any, rank: int, world: int, per_rank: bool) -> Any:
-    from raynas.training.sampling import build_sampler
-
-    name = cfg.sampler.name if space is not None else "fixed"
-    if name == "batchwise":
-        kw = {"per_worker": cfg.sampler.per_worker, "rank": rank if per_rank else 0,
-              "world_size": world if per_rank else 1}
-    elif name == "uniform":
-        kw = {"per_batch": cfg.sampler.per_worker}
-    elif name == "sandwich":
-        kw = {"n_random": cfg.sampler.n_random}
-    else:
-        kw = {}
-    return build_sampler(name, space, cfg.seed, **kw)
-
-
-def evaluate(student: Any, archs: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, float]:
-    """Validation objective (MLM, or the KD loss) per named arch, dropout off, on fixed masked batches."""
-    import torch
-
-    was_training = student.training
-    active = getattr(student.net, "active_arch", None)
-    student.eval()
-    out = {}
-    losses: dict[str, list[float]] = {name: [] for name in archs}
-    with torch.no_grad():
-        for b in batches:  # batch-major: a KD teacher runs once per batch, shared by every arch
-            for name, arch in archs.items():
-                losses[name].append(student(b, arch)[1]["loss"])
-    for name, values in losses.items():
-        out[f"val_loss_{name}"] = sum(values) / max(1, len(values))
-    if active is not None:
-        student.net.set_active(active)
-    student.train(was_training)
-    return out
+STATE_FILE, STUDENT_FILE, ARCH_LOG_DIR = "trainer_state.json", "student.pt", "archs"
 
 
 def _arch_str(arch: Any) -> str:
     return "model" if arch is None else str(arch)
 
 
-def _open_arch_log(out: Path, rank: int, start: int) -> Any:
+def _open_arch_log(out: Path, rank: int, start: int) -> IO[str]:
     """``out/archs/rank-R.jsonl``: one line per trained sub-model; a resumed run drops lines past its start."""
     path = out / ARCH_LOG_DIR / f"rank-{rank}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,12 +65,11 @@ def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     import datasets
     import ray.train
-    import torch
+    import ray.train.torch
     from transformers import AutoTokenizer
 
     from raynas.data.corpus import shard_for_worker
     from raynas.data.masking import MLMCollator
-    from raynas.orchestration.supernet_training import config_from_dict
     from raynas.training.objectives import TeacherOutput
     from raynas.training.sampling import size_class
 
@@ -188,6 +78,8 @@ def train_loop(config: dict[str, Any]) -> None:
     out = Path(config["out"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    placement = train_placement(cfg, ray.train.torch.get_device())  # this worker's GPU, or the CPU
+    device = placement.device
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     corpus = datasets.load_from_disk(config["corpus_dir"])
     train, val = shard_for_worker(corpus["train"], rank, world), corpus["validation"]
@@ -197,7 +89,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     ds = cfg.deepspeed
     per_rank = not (ds.enabled and ds.zero_stage == 3)
-    student, space = build_student(cfg, build_teacher(cfg))
+    student, space = build_student(cfg, build_teacher(cfg, device), device)
     sampler = build_step_sampler(cfg, space, rank, world, per_rank)
     inplace = sampler.inplace_distillation and cfg.objective.mode == "mlm"
     collator = MLMCollator(tokenizer, cfg.objective.mlm_probability, seed=cfg.seed * 1000 + rank)
@@ -210,11 +102,11 @@ def train_loop(config: dict[str, Any]) -> None:
     with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
         if d is not None:  # the student's weights go in before the engine (ZeRO-3 partitions them)
             state = json.loads((Path(d) / STATE_FILE).read_text())
-            student.load_state_dict(torch.load(Path(d) / STUDENT_FILE, weights_only=True))
+            student.load_state_dict(torch.load(Path(d) / STUDENT_FILE, map_location=device, weights_only=True))
             sampler.load_state_dict(state["sampler"][str(rank)])
             collator.load_state_dict({"generator": torch.tensor(state["collator"][str(rank)], dtype=torch.uint8)})
             start = state["step"]
-        engine = _engine(cfg, student, sampler.archs_per_step, micro, world)
+        engine = Engine.from_config(cfg, student, sampler.archs_per_step, micro, world, placement)
         if d is not None:
             engine.load(Path(d))
             if rank == 0:
@@ -225,7 +117,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     metrics: dict[str, Any] = {}
     if start == 0:  # every rank: under ZeRO-3 a forward is a collective
-        metrics.update(evaluate(student, eval_archs, val_batches))
+        metrics.update(evaluate(student, eval_archs, val_batches, placement))
         if rank == 0:
             print(f"step 0 {json.dumps(metrics)}", file=sys.stderr)
     initial = dict(metrics)
@@ -235,7 +127,8 @@ def train_loop(config: dict[str, Any]) -> None:
     window: dict[str, list[float]] = {}  # losses per size class since the last report
     for step in range(start, cfg.steps):
         i = step * micro % max(1, len(order) - micro + 1)
-        batch = collator(train[order[i: i + micro]]["input_ids"] if len(order) >= micro else train[:]["input_ids"])
+        rows = train[order[i: i + micro]]["input_ids"] if len(order) >= micro else train[:]["input_ids"]
+        batch = placement.batch(collator(rows))
         target, n_archs = None, 0
         for k, arch in enumerate(sampler.sample(step)):
             loss, terms, output = engine.forward(batch, arch, target)
@@ -266,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
                    "start_step": start, "lr": engine.lr(), **{f"initial_{k}": v for k, v in initial.items()}}
         window, window_tokens, window_t0 = {}, 0, now
         if evaluating:
-            metrics.update(evaluate(student, eval_archs, val_batches))
+            metrics.update(evaluate(student, eval_archs, val_batches, placement))
         if rank == 0:
             vals = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("val_loss"))
             sizes = " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_"))
@@ -282,39 +175,11 @@ def train_loop(config: dict[str, Any]) -> None:
             save_final(student.net, out, tokenizer)
 
 
-def _engine(cfg: Any, student: Any, archs_per_step: int, micro: int, world: int) -> Any:
-    from raynas.orchestration.engines import Engine, resolve_precision
-
-    ds = cfg.deepspeed
-    return Engine(student, deepspeed=ds.enabled, zero_stage=ds.zero_stage,
-                  precision=resolve_precision(ds.precision, cfg.use_gpu), ds_extra=ds.config, lr=cfg.lr,
-                  weight_decay=cfg.weight_decay, steps=cfg.steps, warmup_ratio=cfg.warmup_ratio,
-                  archs_per_step=archs_per_step, micro=micro, world=world)
-
-
-def save_final(net: Any, out: Path, tokenizer: Any) -> Path:
-    """``out/supernet`` for a supernet, ``out/model`` (AutoModel-ready, bert when expressible) for a plain model."""
-    if hasattr(net, "set_active"):
-        from raynas.supernet.checkpoint import save_supernet
-
-        return save_supernet(net, out / SUPERNET_DIR, tokenizer=tokenizer)
-    from raynas.atomic_io import atomic_dir
-    from raynas.export import export_model
-    from raynas.models import RaynasForMaskedLM
-
-    if isinstance(net, RaynasForMaskedLM):
-        return export_model(net, out / MODEL_DIR, tokenizer, overwrite=True).path
-    with atomic_dir(out / MODEL_DIR, True) as tmp:
-        net.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out / MODEL_DIR
-
-
-def _report_with_checkpoint(cfg: Any, engine: Any, sampler: Any, collator: Any, student: Any, tokenizer: Any,
-                            metrics: dict[str, Any], step: int, rank: int, world: int) -> None:
+def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampler, collator: MLMCollator,
+                            student: TrainStudent, tokenizer: Any, metrics: dict[str, Any], step: int, rank: int,
+                            world: int) -> None:
     """Every rank writes its part of the state into one folder; rank 0 reports it as the Ray checkpoint."""
     import ray.train
-    import torch
     import torch.distributed as dist
 
     folder = Path(cfg.out).resolve() / "checkpoints" / f"step-{step:08d}"

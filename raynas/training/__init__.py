@@ -1,6 +1,7 @@
-"""Supernet training, the pure-torch parts: losses, teacher caching and arch samplers.
+"""Supernet training, the pure-torch parts: the run config, losses, teacher caching, arch samplers, the student.
 
-The Ray Train / DeepSpeed adapters (later) drive these; nothing here imports them.
+The Ray Train / DeepSpeed adapters (:mod:`raynas.orchestration`) drive these;
+nothing here imports them.
 """
 
 from raynas.training.objectives import (

@@ -199,8 +199,12 @@ class TeacherCache:
     entry of ``hidden_states``) and with raynas models and supernets.
     """
 
-    def __init__(self, teacher: nn.Module, output_attentions: bool = False) -> None:
-        self.teacher = teacher.eval().requires_grad_(False)
+    def __init__(self, teacher: nn.Module, output_attentions: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        """``device`` / ``dtype``: where the teacher runs (default: where it is), in the student's dtype, so its
+        targets meet the student's outputs without a copy; inputs are moved there on every call."""
+        self.teacher = teacher.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        self.device = next(self.teacher.parameters()).device
         self.output_attentions = output_attentions
         self.calls = 0
         self._batch: Batch | None = None
@@ -211,7 +215,8 @@ class TeacherCache:
         if self._out is not None and batch is self._batch:
             return self._out
         extra = {"output_attentions": True} if self.output_attentions else {}
-        out = self.teacher(**model_inputs(batch), output_hidden_states=True, **extra)
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in model_inputs(batch).items()}
+        out = self.teacher(**inputs, output_hidden_states=True, **extra)
         self.calls += 1
         att = _last_attention(out)
         if self.output_attentions and att is None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import random
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raynas.errors import ConfigError
 from raynas.spaces import Space
+
+if TYPE_CHECKING:
+    from raynas.training.config import SamplerConfig
 
 SIZE_CLASSES = ("small", "medium", "large")
 
@@ -35,11 +38,24 @@ def _count(name: str, value: Any, minimum: int) -> int:
 
 
 class ArchSampler:
-    """Shared state handling; subclasses define ``name`` and ``_draw``."""
+    """Shared state handling; subclasses define ``name``, ``_draw`` and, for options, ``from_config``.
+
+    A new sampler is one subclass listed in :data:`SAMPLERS`: the config check
+    (``sampler.name``) and the worker's construction both read the registry.
+    """
 
     name = "base"
     #: sub-models after the first are distilled from the first one's outputs (sandwich rule)
     inplace_distillation = False
+    #: a config may name it as ``sampler.name`` (False: used internally, e.g. for plain models)
+    selectable = True
+
+    @classmethod
+    def from_config(cls, space: Space, seed: int, cfg: SamplerConfig, rank: int = 0,
+                    world_size: int = 1) -> ArchSampler:
+        """Built from the ``sampler.*`` options it uses; ``rank`` / ``world_size`` are 0 / 1 where every
+        worker must draw the same archs (ZeRO-3)."""
+        return cls(space, seed)
 
     def __init__(self, space: Space, seed: int, rng_seed: Any = None) -> None:
         self.space, self.seed = space, seed
@@ -82,6 +98,11 @@ class UniformSampler(ArchSampler):
         super().__init__(space, seed)
         self.per_batch = _count("per_batch", per_batch, 1)
 
+    @classmethod
+    def from_config(cls, space: Space, seed: int, cfg: SamplerConfig, rank: int = 0,
+                    world_size: int = 1) -> ArchSampler:
+        return cls(space, seed, per_batch=cfg.per_worker)  # same archs on every rank: no rank needed
+
     def _draw(self) -> list[Any]:
         return [self.space.sample(self.rng) for _ in range(self.per_batch)]
 
@@ -104,6 +125,11 @@ class SandwichSampler(ArchSampler):
         super().__init__(space, seed)
         self.n_random = _count("n_random", n_random, 0)
         self.largest, self.smallest = space.largest(), space.smallest()
+
+    @classmethod
+    def from_config(cls, space: Space, seed: int, cfg: SamplerConfig, rank: int = 0,
+                    world_size: int = 1) -> ArchSampler:
+        return cls(space, seed, n_random=cfg.n_random)
 
     def _draw(self) -> list[Any]:
         return [self.largest, self.smallest, *(self.space.sample(self.rng) for _ in range(self.n_random))]
@@ -134,6 +160,11 @@ class BatchwiseSampler(ArchSampler):
         # a string seed is hashed with SHA-512 by random.seed: stable across processes and Python runs
         super().__init__(space, seed, rng_seed=f"raynas-batchwise:{seed}:{rank}")
 
+    @classmethod
+    def from_config(cls, space: Space, seed: int, cfg: SamplerConfig, rank: int = 0,
+                    world_size: int = 1) -> ArchSampler:
+        return cls(space, seed, per_worker=cfg.per_worker, rank=rank, world_size=world_size)
+
     def _draw(self) -> list[Any]:
         return [self.space.sample(self.rng) for _ in range(self.per_worker)]
 
@@ -154,6 +185,7 @@ class FixedSampler(ArchSampler):
     """One fixed "arch" per batch: ``None`` for a plain (non-elastic) model, as ``raynas train`` trains."""
 
     name = "fixed"
+    selectable = False
 
     def __init__(self, space: Space | None, seed: int, arch: Any = None) -> None:
         super().__init__(space, seed)  # type: ignore[arg-type]
@@ -170,6 +202,8 @@ class FixedSampler(ArchSampler):
 SAMPLERS: dict[str, type[ArchSampler]] = {
     cls.name: cls for cls in (UniformSampler, SandwichSampler, BatchwiseSampler, FixedSampler)
 }
+#: what ``sampler.name`` may say
+SAMPLER_NAMES = tuple(name for name, cls in SAMPLERS.items() if cls.selectable)
 
 
 def build_sampler(name: str, space: Space, seed: int, **kw: Any) -> ArchSampler:

@@ -4,7 +4,8 @@ DeepSpeed and DDP each own exactly one module, and the hidden-state projection
 of distillation must be optimised, checkpointed and all-reduced with the
 student, so both live in :class:`TrainStudent`. :class:`GradientAccumulator`
 lets every data-parallel worker train *different* sub-models in one step (paper
-Algorithm 1) under ZeRO: see its docstring. Pure torch.
+Algorithm 1) under ZeRO: see its docstring. :func:`evaluate` is the validation
+loss a worker reports. Pure torch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from raynas.training.objectives import Batch, SupernetObjective, TeacherOutput
+from raynas.training.optim import Placement
 
 Tensor = torch.Tensor
 
@@ -77,3 +79,27 @@ class GradientAccumulator:
         if self.buffers is not None:
             for buf in self.buffers:
                 buf.zero_()
+
+
+def evaluate(student: TrainStudent, archs: dict[str, Any], batches: list[Batch],
+             placement: Placement) -> dict[str, float]:
+    """``val_loss_<name>``: the objective (MLM, or the KD loss) per named arch, dropout off, on fixed batches.
+
+    The batches (built on the CPU) go to ``placement.device``, forwards run under
+    its autocast, as the training step's do. Batch-major, so a KD teacher runs
+    once per batch for every arch. The active arch and the train/eval mode are
+    restored: the caller is mid-training.
+    """
+    was_training = student.training
+    active = getattr(student.net, "active_arch", None)
+    student.eval()
+    losses: dict[str, list[float]] = {name: [] for name in archs}
+    with torch.no_grad(), placement.autocast():
+        for b in batches:
+            on_device = placement.batch(b)
+            for name, arch in archs.items():
+                losses[name].append(student(on_device, arch)[1]["loss"])
+    if active is not None:
+        student.net.set_active(active)
+    student.train(was_training)
+    return {f"val_loss_{name}": sum(values) / max(1, len(values)) for name, values in losses.items()}
