@@ -51,6 +51,23 @@ def _worker_pids() -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _checkpointed_steps(out: Path) -> list[int]:
+    """Steps whose checkpoint folder is complete (its state file written last)."""
+    folders = (out / "checkpoints").glob("step-*/trainer_state.json")
+    return sorted(int(p.parent.name.split("-")[1]) for p in folders)
+
+
+def _assert_resumed(text: str, metrics: dict, latest: int) -> int:
+    """One resume, from the last checkpoint Ray had taken when the run was killed: ``latest`` (the newest
+    folder on disk then) or, if Ray had not taken that one's report yet, the one before it."""
+    resumed = {int(s) for s in re.findall(r"resumed from step (\d+)", text)}  # rank 0's line, maybe echoed twice
+    assert len(resumed) == 1, (resumed, text[-3000:])
+    (step,) = resumed
+    assert step in {latest, latest - EVERY} and step >= EVERY and step % EVERY == 0, (step, latest)
+    assert metrics["step"] == STEPS and metrics["start_step"] == step
+    return step
+
+
 def _final_metrics(log: str) -> dict:
     blob = log[log.rindex("{\n"): log.rindex("}") + 1]  # the recipe prints the last metrics as indented JSON
     return json.loads(blob)
@@ -63,18 +80,17 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
         _wait_for_checkpoint(out, EVERY, proc)
         pids = _worker_pids()
         assert pids, "no Ray Train worker process found"
+        latest = _checkpointed_steps(out)[-1]
         os.kill(pids[-1], signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", text)]
-    assert resumed and min(resumed) >= EVERY, text[-3000:]
     metrics = _final_metrics(text)
-    assert metrics["step"] == STEPS and metrics["start_step"] >= EVERY
+    step = _assert_resumed(text, metrics, latest)
     assert (out / "supernet" / "supernet.json").exists()
-    print(f"worker killed after step {EVERY}: resumed from step {resumed[0]}, finished at {metrics['step']}")
+    print(f"worker killed after step {latest}: resumed from step {step}, finished at {metrics['step']}")
 
 
 def test_killed_driver_rerun_resumes(tmp_path):
@@ -82,6 +98,7 @@ def test_killed_driver_rerun_resumes(tmp_path):
     proc = _start(out, log)
     try:
         _wait_for_checkpoint(out, EVERY, proc)
+        latest = _checkpointed_steps(out)[-1]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
@@ -90,8 +107,5 @@ def test_killed_driver_rerun_resumes(tmp_path):
     rerun = _start(out, log2)
     assert rerun.wait(timeout=600) == 0, log2.read_text()[-3000:]
     text = log2.read_text()
-    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", text)]
-    assert resumed and resumed[0] >= EVERY, text[-3000:]
-    metrics = _final_metrics(text)
-    assert metrics["step"] == STEPS and metrics["start_step"] >= EVERY
-    print(f"driver killed after step {EVERY}: the rerun resumed from step {resumed[0]}")
+    step = _assert_resumed(text, _final_metrics(text), latest)
+    print(f"driver killed after step {latest}: the rerun resumed from step {step}")
