@@ -195,3 +195,58 @@ def test_objective_config_errors() -> None:
     net = tiny_supernet("kd", dropout=0.0)
     with pytest.raises(ConfigError, match="TeacherCache"):
         SupernetObjective("kd", student_width=64, teacher_width=48)(net, mlm_batch())
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["supernet", "bert"])
+def test_kd_loss_skips_the_mlm_heads_with_identical_values(kind: str) -> None:
+    """Hidden + attention KD reads no logits: neither the student's nor the teacher's MLM head runs, same loss."""
+    if kind == "supernet":
+        net = tiny_supernet("kd", dropout=0.0).eval()
+        net.set_active("2-40-64-4-32")
+        width, head = net.space.max_hidden, net.cls
+    else:
+        torch.manual_seed(3)
+        net = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64,
+                                         attn_implementation="eager")).eval()
+        width, head = 32, net.cls
+    teacher = tiny_bert_teacher()
+    teacher.set_attn_implementation("eager")
+    student_head, teacher_head = _count_calls(head), _count_calls(teacher.cls)
+    lean = SupernetObjective("kd", student_width=width, teacher_width=TEACHER_HIDDEN, attention_weight=1.0,
+                             teacher=TeacherCache(teacher, output_attentions=True, logits=False))
+    assert not lean.needs_logits
+    b = mlm_batch()
+    loss, metrics, out = lean(net, b, return_output=True)
+    assert student_head == [] and teacher_head == [] and getattr(out, "logits", None) is None
+    assert set(metrics) == {"loss", "hidden", "attention"}
+
+    full = SupernetObjective("kd", student_width=width, teacher_width=TEACHER_HIDDEN, attention_weight=1.0,
+                             teacher=TeacherCache(teacher, output_attentions=True))
+    full.load_state_dict(lean.state_dict())  # the same projection
+    full.needs_logits = True  # as before: both heads run, nothing reads them
+    ref, ref_metrics = full(net, b)
+    assert len(student_head) == 1 and len(teacher_head) == 1
+    assert torch.equal(loss, ref) and metrics == ref_metrics
+
+
+def test_needs_logits_follows_the_terms_that_read_them() -> None:
+    assert SupernetObjective("mlm").needs_logits  # MLM loss
+    assert SupernetObjective("mlm", mlm_weight=0.0, logits_weight=1.0).needs_logits  # in-place targets
+    assert SupernetObjective("kd", student_width=8, teacher_width=8, logits_weight=0.5).needs_logits
+    assert SupernetObjective("kd", student_width=8, teacher_width=8, mlm_weight=0.5).needs_logits
+    assert not SupernetObjective("kd", student_width=8, teacher_width=8, attention_weight=1.0).needs_logits
+
+
+def test_teacher_cache_without_logits_same_hidden_states() -> None:
+    teacher = tiny_bert_teacher()
+    b = mlm_batch()
+    lean, full = TeacherCache(teacher, logits=False)(b), TeacherCache(teacher)(b)
+    assert lean.logits is None and full.logits is not None
+    assert torch.equal(lean.last_hidden_state, full.last_hidden_state)

@@ -67,17 +67,17 @@ def test_kd_worker_pieces_put_student_teacher_and_batches_on_the_device(tmp_path
     cfg = _kd_config(_tiny_bert(tmp_path / "teacher"))
     teacher = build_teacher(cfg, META)
     student, space = build_student(cfg, teacher, META)
-    assert teacher.device == META and not teacher.teacher.training
-    entered = _watch(student.net, teacher.teacher)
+    assert teacher.device == META and not teacher.teacher.training and not teacher.logits  # no logits term
+    entered = _watch(student.net, teacher.teacher.base_model)  # kd without logits: the teacher's head is skipped
     batches = [mlm_batch()]  # built on the CPU, as the collator builds them
     with pytest.raises(RuntimeError, match="meta"):  # the first value read, inside the teacher's forward
         evaluate(student, {"largest": space.largest()}, batches, Placement(META))
-    assert entered == ["Supernet", "BertForMaskedLM"]  # the student's whole forward ran on meta, then the teacher
+    assert entered == ["Supernet", "BertModel"]  # the student's whole forward ran on meta, then the teacher's
     assert batches[0]["input_ids"].device.type == "cpu"  # moved copies: the caller's batch is left as it was
     entered.clear()
     with pytest.raises(RuntimeError, match="meta"):
         teacher(mlm_batch())  # called alone with a CPU batch, the TeacherCache moves it itself
-    assert entered == ["BertForMaskedLM"]
+    assert entered == ["BertModel"]
 
 
 def test_plain_student_and_its_batches_on_the_device(tmp_path) -> None:
@@ -87,7 +87,7 @@ def test_plain_student_and_its_batches_on_the_device(tmp_path) -> None:
     entered = _watch(student.net)
     with pytest.raises(RuntimeError, match="meta"):
         evaluate(student, {"model": None}, [mlm_batch()], Placement(META))
-    assert entered == ["BertForMaskedLM"]
+    assert entered == ["BertForMaskedLM"]  # mlm: the whole masked-LM model runs
 
 
 def test_precision_decides_teacher_dtype_and_autocast(tmp_path) -> None:

@@ -128,7 +128,9 @@ def train_loop(config: dict[str, Any]) -> None:
     for step in range(start, cfg.steps):
         i = step * micro % max(1, len(order) - micro + 1)
         rows = train[order[i: i + micro]]["input_ids"] if len(order) >= micro else train[:]["input_ids"]
-        batch = placement.batch(collator(rows))
+        host = collator(rows)
+        n = int(host["attention_mask"].sum()) * world  # counted on the host: no device sync per step
+        batch = placement.batch(host)
         target, n_archs = None, 0
         for k, arch in enumerate(sampler.sample(step)):
             loss, terms, output = engine.forward(batch, arch, target)
@@ -140,7 +142,7 @@ def train_loop(config: dict[str, Any]) -> None:
             arch_log.write(json.dumps({"step": step + 1, "arch": _arch_str(arch), "size": cls, **terms}) + "\n")
             n_archs += 1
         engine.step()
-        n = int(batch["attention_mask"].sum()) * n_archs * world
+        n *= n_archs
         done, now = step + 1, time.perf_counter()
         if done == start + 1:  # the first step (allocation, DeepSpeed buckets) is not the steady rate
             t0 = window_t0 = now

@@ -122,7 +122,8 @@ def build_teacher(cfg: TrainConfig, device: Device = "cpu") -> TeacherCache | No
     attentions = cfg.objective.attention_weight > 0
     if attentions:
         model.set_attn_implementation("eager")  # SDPA cannot return attention probabilities
-    return TeacherCache(model, output_attentions=attentions, device=device, dtype=student_dtype(cfg))
+    return TeacherCache(model, output_attentions=attentions, device=device, dtype=student_dtype(cfg),
+                        logits=cfg.objective.logits_weight > 0)
 
 
 def build_step_sampler(cfg: TrainConfig, space: Space | None, rank: int, world: int, per_rank: bool) -> ArchSampler:

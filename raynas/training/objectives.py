@@ -190,6 +190,22 @@ def model_inputs(batch: Batch) -> dict[str, Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
+def run_model(model: nn.Module, inputs: Mapping[str, Tensor], logits: bool, **kw: Any) -> Any:
+    """``model``'s output on ``inputs``; ``logits=False`` skips the MLM head when no loss reads it.
+
+    The head is a vocabulary-wide matmul (30,522 columns for BERT's vocabulary),
+    often the largest op of a small model, and hidden-state / attention
+    distillation never reads it: a supernet runs with ``return_logits=False``, a
+    ``*ForMaskedLM`` model as its base model alone (same hidden states and
+    attentions, no ``logits`` field).
+    """
+    if logits:
+        return model(**inputs, **kw)
+    if hasattr(model, "set_active"):  # a Supernet
+        return model(**inputs, return_logits=False, **kw)
+    return model.base_model(**inputs, **kw)
+
+
 class TeacherCache:
     """A frozen teacher whose outputs are computed once per batch.
 
@@ -200,12 +216,13 @@ class TeacherCache:
     """
 
     def __init__(self, teacher: nn.Module, output_attentions: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, logits: bool = True) -> None:
         """``device`` / ``dtype``: where the teacher runs (default: where it is), in the student's dtype, so its
-        targets meet the student's outputs without a copy; inputs are moved there on every call."""
+        targets meet the student's outputs without a copy; inputs are moved there on every call.
+        ``logits=False``: no logits distillation reads them, so the teacher's MLM head is skipped."""
         self.teacher = teacher.eval().requires_grad_(False).to(device=device, dtype=dtype)
         self.device = next(self.teacher.parameters()).device
-        self.output_attentions = output_attentions
+        self.output_attentions, self.logits = output_attentions, logits
         self.calls = 0
         self._batch: Batch | None = None
         self._out: TeacherOutput | None = None
@@ -216,7 +233,7 @@ class TeacherCache:
             return self._out
         extra = {"output_attentions": True} if self.output_attentions else {}
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in model_inputs(batch).items()}
-        out = self.teacher(**inputs, output_hidden_states=True, **extra)
+        out = run_model(self.teacher, inputs, self.logits, output_hidden_states=True, **extra)
         self.calls += 1
         att = _last_attention(out)
         if self.output_attentions and att is None:
@@ -276,6 +293,9 @@ class SupernetObjective(nn.Module):
         self.mode, self.temperature, self.logits_positions = mode, temperature, logits_positions
         self.hidden_weight, self.logits_weight, self.mlm_weight = hidden_weight, logits_weight, mlm_weight
         self.attention_weight = attention_weight
+        #: the MLM loss and logits distillation (also as an in-place target, see TeacherOutput.detached) read the
+        #: student's logits; without them the MLM head is skipped
+        self.needs_logits = mlm_weight > 0 or logits_weight > 0
         self.teacher = teacher
         self.hidden: HiddenDistillation | None = None
         if hidden_weight > 0:
@@ -288,7 +308,8 @@ class SupernetObjective(nn.Module):
                 return_output: bool = False) -> Any:
         """``(loss, metrics)``, or ``(loss, metrics, output)`` with ``return_output`` (for in-place targets)."""
         extra = {"output_attentions": True} if self.attention_weight > 0 else {}
-        out = net(**model_inputs(batch), output_hidden_states=self.hidden is not None, **extra)
+        out = run_model(net, model_inputs(batch), self.needs_logits, output_hidden_states=self.hidden is not None,
+                        **extra)
         if teacher_out is None and self.mode == "kd":
             if self.teacher is None:
                 raise ConfigError("kd objective: pass teacher_out or build the objective with a TeacherCache")
