@@ -101,21 +101,22 @@ def test_gradient_accumulator_scale_and_frozen_params() -> None:
 # ---------------------------------------------------------------- TrainStudent
 
 
-def test_train_student_activates_arch_and_matches_extracted_model() -> None:
+def test_train_student_runs_arch_without_activating_it_and_matches_extracted_model() -> None:
     net = tiny_supernet("kd", dropout=0.0).eval()
     student = TrainStudent(net, SupernetObjective("mlm"))
     assert student.elastic
     b = mlm_batch()
+    net.set_active(KD_ARCHS[-1])
     for arch in KD_ARCHS:
         loss, metrics, out = student(b, arch)
-        assert net.active_arch == net.space.validate(arch)
+        assert net.active_arch == net.space.validate(KD_ARCHS[-1])  # forward(arch=): no shared state written
         assert set(metrics) == {"loss", "mlm"} and metrics["loss"] == pytest.approx(loss.item())
         with torch.no_grad():
             ref = net.extract(arch)(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         torch.testing.assert_close(out.logits.detach(), ref.logits, atol=1e-5, rtol=0)
-    # arch=None keeps the active arch
+    # arch=None runs the active arch
     _, _, out = student(b)
-    assert net.active_arch == net.space.validate(KD_ARCHS[-1])
+    torch.testing.assert_close(out.logits.detach(), ref.logits, atol=1e-5, rtol=0)
     with pytest.raises(ConfigError):
         student(b, "9-64-128-4-64")  # not in the space
 
@@ -283,3 +284,19 @@ def test_fixed_sampler() -> None:
         other.load_state_dict({**state, "name": "uniform"})
     with pytest.raises(ConfigError, match="fixed"):
         build_sampler("fixed", None, 0, per_worker=2)  # an option it does not take
+
+
+def test_freeze_unreached_leaves_only_what_a_loss_trains() -> None:
+    from raynas.training.factories import freeze_unreached
+
+    net = tiny_supernet("kd")
+    assert freeze_unreached(net, logits=True) == ["pooler.dense.weight", "pooler.dense.bias"]
+    net = tiny_supernet("kd")
+    frozen = freeze_unreached(net, logits=False)
+    assert {n.split(".")[0] for n in frozen} == {"pooler", "cls"} and not net.cls.bias.requires_grad
+    assert net.embeddings.word_embeddings.weight.requires_grad  # the tied decoder stays trainable
+    plain = net.extract(net.space.largest())
+    frozen = freeze_unreached(plain, logits=False)
+    assert set(frozen) == {"raynas.pooler.dense.weight", "raynas.pooler.dense.bias", "cls.bias",
+                           "cls.dense.weight", "cls.dense.bias", "cls.LayerNorm.weight", "cls.LayerNorm.bias"}
+    assert plain.get_input_embeddings().weight.requires_grad

@@ -284,3 +284,28 @@ def test_load_tokenizer_from_model_or_folder(tmp_path, teacher_dir, tokenizer) -
     assert load_tokenizer(make_config({"tokenizer": str(tok_dir)})).vocab_size == VOCAB
     with pytest.raises(ConfigError, match="tokenizer"):
         load_tokenizer(make_config({"tokenizer": "/nonexistent/tok"}))
+
+
+def test_resume_with_more_steps_takes_the_new_schedules_lr() -> None:
+    """The optimizer state carries the old schedule's last lr (0 at its end); the engine re-derives it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from raynas.orchestration.engines import Engine
+    from raynas.training.optim import lr_lambda
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(10, 0.1))
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    saved = (opt.state_dict(), sched.state_dict())
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lr_lambda(15, 0.1))
+    opt2.load_state_dict(saved[0])
+    sched2.load_state_dict(saved[1])
+    assert opt2.param_groups[0]["lr"] == 0.0  # what the restored state alone gives
+    Engine._resync_lr(SimpleNamespace(sched=sched2))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda(15, 0.1)(10)) and opt2.param_groups[0]["lr"] > 0

@@ -143,6 +143,19 @@ class Engine:
             state = torch.load(folder / OPTIM_FILE, map_location=self.placement.device, weights_only=False)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+        self._resync_lr()
+
+    def _resync_lr(self) -> None:
+        """Set each group's lr from *this* run's schedule at the restored step.
+
+        The optimizer state restores the lr the checkpointed run's schedule had
+        set; a rerun with a different ``steps`` (training for longer) has another
+        schedule, and without this its first step would run at the old one's lr
+        (0 at the old end). Same ``steps``: the value is unchanged.
+        """
+        sched = self.sched
+        for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * f(sched.last_epoch)
 
 
 def _register_external_params(student: Any) -> None:

@@ -113,6 +113,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 print(f"resumed from step {start}", file=sys.stderr)
     student = engine.module
     student.train()
+    if d is not None and str(rank) in state.get("rng", {}):
+        _set_rng_state(state["rng"][str(rank)])  # last, after everything that draws at set-up
     arch_log = _open_arch_log(out, rank, start)
 
     metrics: dict[str, Any] = {}
@@ -177,6 +179,25 @@ def train_loop(config: dict[str, Any]) -> None:
             save_final(student.net, out, tokenizer)
 
 
+def _rng_state() -> dict[str, list[int]]:
+    """torch's global generators (dropout draws from them), CPU and this worker's GPU."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict[str, list[int]]) -> None:
+    """Inverse of :func:`_rng_state`: a resumed run draws the dropout masks the uninterrupted run drew."""
+    import torch
+
+    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
 def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampler, collator: MLMCollator,
                             student: TrainStudent, tokenizer: Any, metrics: dict[str, Any], step: int, rank: int,
                             world: int) -> None:
@@ -188,7 +209,8 @@ def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampl
     folder.mkdir(parents=True, exist_ok=True)
     engine.save(folder, rank)
     # sampler / masking RNG states differ per rank: gather them so one folder resumes every worker
-    local = {"sampler": sampler.state_dict(), "collator": collator.state_dict()["generator"].tolist()}
+    local = {"sampler": sampler.state_dict(), "collator": collator.state_dict()["generator"].tolist(),
+             "rng": _rng_state()}
     gathered: list[Any] = [None] * world
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(gathered, local)
@@ -200,7 +222,8 @@ def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampl
             save_final(student.net, folder, tokenizer)  # a usable supernet / model in every checkpoint
     if rank == 0:
         state = {"step": step, "sampler": {str(r): g["sampler"] for r, g in enumerate(gathered)},
-                 "collator": {str(r): g["collator"] for r, g in enumerate(gathered)}, "config": asdict(cfg)}
+                 "collator": {str(r): g["collator"] for r, g in enumerate(gathered)},
+                 "rng": {str(r): g["rng"] for r, g in enumerate(gathered)}, "config": asdict(cfg)}
         (folder / STATE_FILE).write_text(json.dumps(state))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

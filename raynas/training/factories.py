@@ -56,7 +56,35 @@ def build_student(cfg: TrainConfig, teacher: TeacherCache | None = None,
         hidden_weight=o.hidden_weight, attention_weight=o.attention_weight,
         logits_weight=o.inplace_weight if inplace else o.logits_weight, mlm_weight=o.mlm_weight,
         temperature=o.temperature, teacher=teacher, project=o.project)
+    freeze_unreached(net, objective.needs_logits)
     return TrainStudent(net, objective).to(device), space
+
+
+def freeze_unreached(net: nn.Module, logits: bool) -> list[str]:
+    """Freeze the weights no loss reaches; returns their names.
+
+    The pooler is read by no pre-training loss, and the MLM head's own weights
+    (transform + bias; the decoder is tied to the word embeddings, which stay
+    trainable) by none when ``logits`` is false. Left trainable they cost twice:
+    DDP stalls (the pooler's output is part of the student's output, so DDP
+    waits for a gradient that never comes), and under ZeRO every trainable
+    weight gets a zero gradient each step, so AdamW's decay and momentum would
+    move weights that nothing trained.
+    """
+    if hasattr(net, "set_active"):  # a Supernet
+        heads = {"pooler": net.pooler, **({} if logits else {"cls": net.cls})}
+        frozen = [f"{prefix}.{n}" for prefix, m in heads.items() for n, _ in m.named_parameters()]
+        for m in heads.values():
+            m.requires_grad_(False)
+        return frozen
+    base = net.base_model
+    reached = {id(p) for n, p in base.named_parameters() if not n.startswith("pooler.")}
+    frozen = []
+    for name, p in net.named_parameters():
+        if id(p) not in reached and (not logits or ".pooler." in f".{name}"):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def load_plain_student(path: str, eager: bool = False) -> nn.Module:

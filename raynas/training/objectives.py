@@ -190,20 +190,22 @@ def model_inputs(batch: Batch) -> dict[str, Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
-def run_model(model: nn.Module, inputs: Mapping[str, Tensor], logits: bool, **kw: Any) -> Any:
+def run_model(model: nn.Module, inputs: Mapping[str, Tensor], logits: bool, arch: Any = None, **kw: Any) -> Any:
     """``model``'s output on ``inputs``; ``logits=False`` skips the MLM head when no loss reads it.
 
     The head is a vocabulary-wide matmul (30,522 columns for BERT's vocabulary),
     often the largest op of a small model, and hidden-state / attention
     distillation never reads it: a supernet runs with ``return_logits=False``, a
     ``*ForMaskedLM`` model as its base model alone (same hidden states and
-    attentions, no ``logits`` field).
+    attentions, no ``logits`` field). ``arch``: the supernet's sub-model to run
+    (``Supernet.forward(arch=)``, which writes no shared state); None runs the
+    active arch, and is the only value a plain model takes.
     """
-    if logits:
-        return model(**inputs, **kw)
     if hasattr(model, "set_active"):  # a Supernet
-        return model(**inputs, return_logits=False, **kw)
-    return model.base_model(**inputs, **kw)
+        return model(**inputs, arch=arch, return_logits=logits, **kw)
+    if arch is not None:
+        raise ValueError(f"{type(model).__name__} is a plain model: it has no archs (pass arch=None)")
+    return model(**inputs, **kw) if logits else model.base_model(**inputs, **kw)
 
 
 class TeacherCache:
@@ -305,11 +307,14 @@ class SupernetObjective(nn.Module):
             self.hidden = HiddenDistillation(student_width, teacher_width, project)
 
     def forward(self, net: nn.Module, batch: Batch, teacher_out: TeacherOutput | None = None,
-                return_output: bool = False) -> Any:
-        """``(loss, metrics)``, or ``(loss, metrics, output)`` with ``return_output`` (for in-place targets)."""
+                return_output: bool = False, arch: Any = None) -> Any:
+        """``(loss, metrics)``, or ``(loss, metrics, output)`` with ``return_output`` (for in-place targets).
+
+        ``arch``: run that sub-model of a supernet ``net`` without activating it (see :func:`run_model`).
+        """
         extra = {"output_attentions": True} if self.attention_weight > 0 else {}
-        out = run_model(net, model_inputs(batch), self.needs_logits, output_hidden_states=self.hidden is not None,
-                        **extra)
+        out = run_model(net, model_inputs(batch), self.needs_logits, arch,
+                        output_hidden_states=self.hidden is not None, **extra)
         if teacher_out is None and self.mode == "kd":
             if self.teacher is None:
                 raise ConfigError("kd objective: pass teacher_out or build the objective with a TeacherCache")

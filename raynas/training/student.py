@@ -17,6 +17,7 @@ from torch import nn
 
 from raynas.training.objectives import Batch, SupernetObjective, TeacherOutput
 from raynas.training.optim import Placement
+from raynas.training.validation import validation_losses
 
 Tensor = torch.Tensor
 
@@ -32,11 +33,9 @@ class TrainStudent(nn.Module):
     def forward(self, batch: Batch, arch: Any = None, teacher_out: TeacherOutput | None = None
                 ) -> tuple[Tensor, dict[str, float], Any]:
         """Loss, its terms and the model output of ``arch`` (ignored for a plain model) on ``batch``."""
-        if arch is not None:
-            if not self.elastic:
-                raise ValueError("a plain model has no archs to activate: pass arch=None")
-            self.net.set_active(arch)
-        return self.objective(self.net, batch, teacher_out, return_output=True)
+        if arch is not None and not self.elastic:
+            raise ValueError("a plain model has no archs to activate: pass arch=None")
+        return self.objective(self.net, batch, teacher_out, return_output=True, arch=arch)
 
 
 class GradientAccumulator:
@@ -87,19 +86,15 @@ def evaluate(student: TrainStudent, archs: dict[str, Any], batches: list[Batch],
 
     The batches (built on the CPU) go to ``placement.device``, forwards run under
     its autocast, as the training step's do. Batch-major, so a KD teacher runs
-    once per batch for every arch. The active arch and the train/eval mode are
-    restored: the caller is mid-training.
+    once per batch for every arch (:func:`raynas.training.validation.validation_losses`,
+    the proxy fitness search ranks by: training reports the same number). Archs
+    run through ``forward(arch=)``; the train/eval mode is restored, the caller
+    being mid-training.
     """
     was_training = student.training
-    active = getattr(student.net, "active_arch", None)
     student.eval()
-    losses: dict[str, list[float]] = {name: [] for name in archs}
-    with torch.no_grad(), placement.autocast():
-        for b in batches:
-            on_device = placement.batch(b)
-            for name, arch in archs.items():
-                losses[name].append(student(on_device, arch)[1]["loss"])
-    if active is not None:
-        student.net.set_active(active)
-    student.train(was_training)
-    return {f"val_loss_{name}": sum(values) / max(1, len(values)) for name, values in losses.items()}
+    try:
+        results = validation_losses(student.net, list(archs.values()), batches, student.objective, placement)
+    finally:
+        student.train(was_training)
+    return {f"val_loss_{name}": r["loss"] for name, r in zip(archs, results, strict=True)}

@@ -19,31 +19,16 @@ drift apart.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from raynas.training.objectives import Batch, SupernetObjective
+from raynas.training.optim import Placement
 
 Tensor = torch.Tensor
-
-
-def to_device(batch: Batch, device: torch.device | str | None) -> dict[str, Tensor]:
-    """``batch`` with every tensor on ``device`` (unchanged where it is already there, or ``device`` is None)."""
-    if device is None:
-        return dict(batch)
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def _runner(net: nn.Module, arch: Any) -> Callable[..., Any]:
-    """``net`` restricted to ``arch``, called like a model: no ``set_active``, so nothing shared is written."""
-    if arch is None:
-        return net
-    if not hasattr(net, "set_active"):
-        raise ValueError(f"{type(net).__name__} is a plain model: it has no archs (pass archs=[None])")
-    return partial(net, arch=arch)
 
 
 @torch.no_grad()
@@ -52,7 +37,7 @@ def validation_losses(
     archs: Sequence[Any],
     batches: Sequence[Batch],
     objective: SupernetObjective | None = None,
-    device: torch.device | str | None = None,
+    placement: Placement | None = None,
 ) -> list[dict[str, float]]:
     """Per arch, the mean over ``batches`` of the objective's loss and of each of its terms.
 
@@ -60,20 +45,25 @@ def validation_losses(
     or parsed) or a plain masked-LM model (``archs=[None]``); it must be in eval
     mode (dropout off): this function changes nothing on it, so the caller owns
     that switch. ``objective`` defaults to MLM (batches then need ``labels``); a
-    KD objective carries its teacher, which must already be on ``device``.
-    Returns one ``{"loss": ..., <term>: ...}`` dict per arch, in order.
+    KD objective carries its teacher. ``placement``: the device the net is on
+    (batches are moved there) and the autocast its forwards run under; default:
+    batches as given, no autocast. Returns one ``{"loss": ..., <term>: ...}`` dict
+    per arch, in order.
     """
     if net.training:
         raise ValueError("validation_losses: put the net in eval mode first (dropout would make losses random)")
     if not batches:
         raise ValueError("validation_losses: no validation batches")
+    if any(arch is not None for arch in archs) and not hasattr(net, "set_active"):
+        raise ValueError(f"{type(net).__name__} is a plain model: it has no archs (pass archs=[None])")
     objective = objective if objective is not None else SupernetObjective("mlm")
-    runners = [_runner(net, arch) for arch in archs]
     sums: list[dict[str, float]] = [{} for _ in archs]
-    for raw in batches:  # batch-major: one device copy and one teacher forward per batch, for every arch
-        batch = to_device(raw, device)
-        for run, acc in zip(runners, sums):
-            _, terms = objective(run, batch)
-            for name, value in terms.items():
-                acc[name] = acc.get(name, 0.0) + value
+    autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
+    with autocast:
+        for raw in batches:  # batch-major: one device copy and one teacher forward per batch, for every arch
+            batch = placement.batch(raw) if placement is not None else raw
+            for arch, acc in zip(archs, sums):
+                _, terms = objective(net, batch, arch=arch)  # forward(arch=): nothing shared is written
+                for name, value in terms.items():
+                    acc[name] = acc.get(name, 0.0) + value
     return [{name: total / len(batches) for name, total in acc.items()} for acc in sums]
