@@ -63,19 +63,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "Prints one progress line per arch on stderr, then a table and the median ratio "
                     "supernet_ms / extracted_ms on stdout, and writes the table as Parquet.",
     )
-    src = s.add_mutually_exclusive_group()
-    src.add_argument("--space", help=f"search space: a shipped name or a YAML path (default: {DEFAULT_SPACE}); "
-                                     "the supernet is randomly initialised from it (seeded by --seed)")
-    src.add_argument("--supernet", metavar="DIR", help="load this saved supernet folder instead (its own space)")
-    s.add_argument("--archs", type=int, default=8, metavar="N", help="archs sampled from the space (default: 8)")
-    s.add_argument("--batch", type=int, default=8, help="sequences per batch (default: 8)")
-    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    _supernet_args(s, archs=8, out="runs/bench/supernet.parquet")
     s.add_argument("--repeats", type=int, default=5, help="timed steps per model and arch; the median counts (default: 5)")
     s.add_argument("--warmup", type=int, default=1, help="untimed steps per model and arch first (default: 1)")
-    s.add_argument("--seed", type=int, default=0, help="seeds arch sampling, the batch and the random init (default: 0)")
-    s.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
-    s.add_argument("--out", default="runs/bench/supernet.parquet",
-                   help="Parquet table to write (default: runs/bench/supernet.parquet)")
     s.set_defaults(run=bench_supernet)
 
     f = sub.add_parser(
@@ -86,18 +76,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                     "stderr, then both wall times, their ratio and the largest loss difference, and writes the "
                     "per-arch table as Parquet.",
     )
-    fsrc = f.add_mutually_exclusive_group()
-    fsrc.add_argument("--space", help=f"search space: a shipped name or a YAML path (default: {DEFAULT_SPACE}); "
-                                      "randomly initialised (seeded by --seed)")
-    fsrc.add_argument("--supernet", metavar="DIR", help="load this saved supernet folder instead (its own space)")
-    f.add_argument("--archs", type=int, default=100, metavar="N", help="archs to score, >= 2 (default: 100)")
+    _supernet_args(f, archs=100, out="runs/bench/fitness.parquet")
     f.add_argument("--batches", type=int, default=2, help="validation batches (default: 2)")
-    f.add_argument("--batch", type=int, default=8, help="sequences per batch (default: 8)")
-    f.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    f.add_argument("--seed", type=int, default=0, help="seeds arch sampling, batches and the init (default: 0)")
-    f.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
-    f.add_argument("--out", default="runs/bench/fitness.parquet",
-                   help="Parquet table to write (default: runs/bench/fitness.parquet)")
     f.set_defaults(run=bench_fitness)
 
     t = sub.add_parser(
@@ -126,6 +106,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="dotted TrainConfig overrides, e.g. batch_size=16 corpus.seq_len=128 deepspeed.zero_stage=1")
     t.set_defaults(run=bench_train)
     return p.parse_args(argv)
+
+
+def _supernet_args(p: argparse.ArgumentParser, archs: int, out: str) -> None:
+    """The options ``supernet`` and ``fitness`` share: which supernet, how many archs, batch shape, seed, threads."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--space", help=f"search space: a shipped name or a YAML path (default: {DEFAULT_SPACE}); "
+                                     "the supernet is randomly initialised from it (seeded by --seed)")
+    src.add_argument("--supernet", metavar="DIR", help="load this saved supernet folder instead (its own space)")
+    p.add_argument("--archs", type=int, default=archs, metavar="N", help=f"archs sampled from the space (default: {archs})")
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch (default: 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seeds arch sampling, the batches and the random init (default: 0)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--out", default=out, help=f"Parquet table to write (default: {out})")
 
 
 def _positive(args: argparse.Namespace, *names: str, least: int = 1) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,29 @@ def batch(seed: int = 0, size: int = 3, seq: int = 12) -> tuple[torch.Tensor, to
     mask[1, seq - 4:] = 0
     ids[1, seq - 4:] = 0
     return ids, mask
+
+
+def training_corpus(tmp: Path) -> Path:
+    """Repetitive word patterns over the tiny vocabulary: a tiny model learns them in a few steps."""
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(VOCAB - 5)]
+    paras = []
+    for _ in range(200):
+        start = rng.randrange(len(words) - 20)
+        paras.append(" ".join(words[start: start + 20] * 3))
+    path = tmp / "corpus.txt"
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance (2 CPUs, no dashboard) for one test module; use with ``pytest.mark.usefixtures``."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

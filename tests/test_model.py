@@ -19,7 +19,8 @@ def tiny_config(**kw) -> RaynasConfig:
 
 @pytest.mark.parametrize("layers, needle", [
     ([{"op": "rnn"}], "layers[0].op"),
-    ([{"op": "ffn", "inner": 0}], "layers[0].inner"),
+    ([{"op": "ffn", "inner": -1}], "layers[0].inner"),  # 0 is allowed: a pruned-away block
+    ([{"op": "conv", "kernel": 3, "inner": 0}], "layers[0].inner"),
     ([{"op": "id"}, {"op": "mha", "heads": 2}], "layers[1].head_dim"),
     ([{"op": "conv", "kernel": 4, "inner": 8}], "layers[0].kernel"),
     ([{"op": "ffn", "inner": 8, "size": 3}], "unknown field"),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, VOCAB
+from conftest import TINY, VOCAB, training_corpus
 from transformers import BertConfig, BertForMaskedLM
 
 from raynas.config_loading import load_config
@@ -17,29 +16,7 @@ from raynas.orchestration.supernet_training import TrainConfig, run_training
 from raynas.supernet.checkpoint import load_supernet
 from raynas.training.factories import build_net
 
-pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-def _corpus(tmp: Path) -> Path:
-    """Repetitive word patterns: a tiny model can learn them in a few steps."""
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(VOCAB - 5)]
-    paras = []
-    for _ in range(200):
-        start = rng.randrange(len(words) - 20)
-        paras.append(" ".join(words[start: start + 20] * 3))
-    path = tmp / "corpus.txt"
-    path.write_text("\n\n".join(paras))
-    return path
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.usefixtures("local_ray")]
 
 
 def _config(tmp: Path, tokenizer, kind: str = "mlm", model: Path | None = None, **kw) -> TrainConfig:
@@ -47,7 +24,7 @@ def _config(tmp: Path, tokenizer, kind: str = "mlm", model: Path | None = None, 
     name, space = TINY[kind]
     student = {"model": str(model)} if model else {"space": name, "space_overrides": space}
     raw = {"out": str(tmp / "run"), **student, "tokenizer": str(tmp / "tok"),
-           "corpus": {"files": [str(_corpus(tmp))], "seq_len": 32, "validation_fraction": 0.1},
+           "corpus": {"files": [str(training_corpus(tmp))], "seq_len": 32, "validation_fraction": 0.1},
            "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.1, "log_every": 5, "dropout": 0.0}
     overrides = [f"{k}={v}" for k, v in kw.items()]
     return load_config(TrainConfig, None, overrides, defaults=raw)

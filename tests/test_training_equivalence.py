@@ -6,45 +6,24 @@ The per-step, per-sub-model losses come from the arch logs (``out/archs/rank-R.j
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
-from conftest import TINY, VOCAB
+from conftest import TINY, training_corpus
 
 from raynas.config_loading import load_config
 from raynas.orchestration.supernet_training import TrainConfig, run_training
 
-pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]  # 2-3 min each on 2 shared CPUs
+# 2-3 min each on 2 shared CPUs
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-def _corpus(tmp: Path) -> Path:
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(VOCAB - 5)]
-    paras = []
-    for _ in range(200):
-        start = rng.randrange(len(words) - 20)
-        paras.append(" ".join(words[start: start + 20] * 3))
-    path = tmp / "corpus.txt"
-    path.write_text("\n\n".join(paras))
-    return path
 
 
 def _config(tmp: Path, tokenizer, out: str, **kw) -> TrainConfig:
     """The tiny MLM supernet config of test_supernet_training, writing to ``tmp/out``."""
     if not (tmp / "tok").exists():
         tokenizer.save_pretrained(tmp / "tok")
-        _corpus(tmp)
+        training_corpus(tmp)
     name, space = TINY["mlm"]
     raw = {"out": str(tmp / out), "space": name, "space_overrides": space, "tokenizer": str(tmp / "tok"),
            "corpus": {"files": [str(tmp / "corpus.txt")], "seq_len": 32, "validation_fraction": 0.1},

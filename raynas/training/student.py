@@ -17,7 +17,7 @@ from torch import nn
 
 from raynas.training.objectives import Batch, SupernetObjective, TeacherOutput
 from raynas.training.optim import Placement
-from raynas.training.validation import validation_losses
+from raynas.training.validation import batch_major_means
 
 Tensor = torch.Tensor
 
@@ -86,7 +86,7 @@ def evaluate(student: TrainStudent, archs: dict[str, Any], batches: list[Batch],
 
     The batches (built on the CPU) go to ``placement.device``, forwards run under
     its autocast, as the training step's do. Batch-major, so a KD teacher runs
-    once per batch for every arch (:func:`raynas.training.validation.validation_losses`,
+    once per batch for every arch (the loop of :func:`raynas.training.validation.validation_losses`,
     the proxy fitness search ranks by: training reports the same number). Archs
     run through ``forward(arch=)``; the train/eval mode is restored, the caller
     being mid-training.
@@ -94,7 +94,8 @@ def evaluate(student: TrainStudent, archs: dict[str, Any], batches: list[Batch],
     was_training = student.training
     student.eval()
     try:
-        results = validation_losses(student.net, list(archs.values()), batches, student.objective, placement)
+        # through the student's own forward: under ZeRO-3 that is where DeepSpeed gathers the weights
+        results = batch_major_means(lambda b, arch: student(b, arch)[1], list(archs.values()), batches, placement)
     finally:
         student.train(was_training)
     return {f"val_loss_{name}": r["loss"] for name, r in zip(archs, results, strict=True)}

@@ -20,7 +20,7 @@ drift apart.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -52,18 +52,33 @@ def validation_losses(
     """
     if net.training:
         raise ValueError("validation_losses: put the net in eval mode first (dropout would make losses random)")
-    if not batches:
-        raise ValueError("validation_losses: no validation batches")
     if any(arch is not None for arch in archs) and not hasattr(net, "set_active"):
         raise ValueError(f"{type(net).__name__} is a plain model: it has no archs (pass archs=[None])")
     objective = objective if objective is not None else SupernetObjective("mlm")
+    return batch_major_means(lambda batch, arch: objective(net, batch, arch=arch)[1], archs, batches, placement)
+
+
+@torch.no_grad()
+def batch_major_means(
+    terms_of: Callable[[Batch, Any], dict[str, float]],
+    archs: Sequence[Any],
+    batches: Sequence[Batch],
+    placement: Placement | None = None,
+) -> list[dict[str, float]]:
+    """Per arch, the mean over ``batches`` of ``terms_of(batch, arch)`` (a dict of loss terms).
+
+    The loop behind :func:`validation_losses`, for callers that must score
+    through their own module (supernet training scores through its
+    ``TrainStudent``, whose forward is where ZeRO-3 gathers the weights).
+    """
+    if not batches:
+        raise ValueError("validation: no validation batches")
     sums: list[dict[str, float]] = [{} for _ in archs]
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
     with autocast:
         for raw in batches:  # batch-major: one device copy and one teacher forward per batch, for every arch
             batch = placement.batch(raw) if placement is not None else raw
             for arch, acc in zip(archs, sums):
-                _, terms = objective(net, batch, arch=arch)  # forward(arch=): nothing shared is written
-                for name, value in terms.items():
+                for name, value in terms_of(batch, arch).items():
                     acc[name] = acc.get(name, 0.0) + value
     return [{name: total / len(batches) for name, total in acc.items()} for acc in sums]
