@@ -20,7 +20,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "train": ("recipes.train", "further training of an extracted model (MLM or distillation) on Ray Train + DeepSpeed"),
     "extract": ("recipes.extract", "extract sub-models from a supernet checkpoint into transformers folders"),
     "evaluate": ("recipes.evaluate", "fine-tune on GLUE / SQuAD as a Ray Tune sweep; family report (size, latency, scores)"),
-    "bench": ("recipes.bench", "benchmarks: bench supernet (active path vs extracted step time), bench train (training tokens/s)"),
+    "bench": ("recipes.bench", "benchmarks: bench supernet (active path vs extracted step time), bench fitness (shared supernet vs extracting each), bench train (training tokens/s)"),
 }
 
 

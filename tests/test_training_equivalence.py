@@ -85,7 +85,8 @@ def test_resumed_run_matches_uninterrupted(tmp_path, tokenizer, monkeypatch, how
     uninterrupted run. ``rerun``: the failed run_training raises and the same command runs again (Ray Train
     restores the run's latest checkpoint); ``restart``: FailureConfig restarts the worker group in the same call."""
     steps, k = 6, 3
-    kw = {"steps": steps, "checkpoint_every": k, "eval_every": steps, "log_every": 1}
+    kw = {"steps": steps, "checkpoint_every": k, "eval_every": steps, "log_every": 1,
+          "dropout": 0.1}  # dropout draws from torch's global RNG: the checkpoint must carry it
     if how == "rerun-ddp-1":
         kw.update({"num_workers": 1, "deepspeed.enabled": "false"})
     else:
