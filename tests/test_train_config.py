@@ -14,10 +14,11 @@ from transformers import BertConfig, BertForMaskedLM
 
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
-from raynas.orchestration.engines import deepspeed_config, lr_lambda, merge, param_groups
+from raynas.orchestration.engines import deepspeed_config, merge
 from raynas.orchestration.supernet_training import TrainConfig, load_tokenizer, preflight
 from raynas.supernet import save_supernet
 from raynas.training.config import ObjectiveConfig, resolve_precision
+from raynas.training.optim import lr_lambda, param_groups
 
 TEACHER_HEADS = 4  # the kd space's head count; the mlm space has 1-4 heads
 
@@ -293,7 +294,6 @@ def test_resume_with_more_steps_takes_the_new_schedules_lr() -> None:
     import torch
 
     from raynas.orchestration.engines import Engine
-    from raynas.training.optim import lr_lambda
 
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=1e-3)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from raynas.training.config import TrainConfig
-from raynas.training.optim import Placement, lr_lambda, param_groups
+from raynas.training.optim import Placement, adamw, lr_lambda
 from raynas.training.student import TrainStudent
 
 OPTIM_FILE, DS_DIR = "optimizer.pt", "deepspeed"
@@ -55,7 +55,7 @@ class Engine:
         ``placement.autocast()``."""
         self.ds, self.archs_per_step, self.placement = deepspeed, archs_per_step, placement
         self.per_rank_archs = not (deepspeed and zero_stage == 3)
-        opt = torch.optim.AdamW(param_groups(student, weight_decay), lr=lr)
+        opt = adamw(student, lr, weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup_ratio))
         self.accumulator = None
         if self.ds:

@@ -13,7 +13,6 @@ so one cached instance serves every task and thread of that process.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import numpy as np
 import ray
@@ -53,7 +52,7 @@ def cached_supernets() -> int:
     return len(_cache)
 
 
-def clear_cache() -> Any:
+def clear_cache() -> None:
     """Drop the cached supernets of this process (frees their memory)."""
     with _lock:
         _cache.clear()

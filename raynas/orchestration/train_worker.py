@@ -181,8 +181,6 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _rng_state() -> dict[str, list[int]]:
     """torch's global generators (dropout draws from them), CPU and this worker's GPU."""
-    import torch
-
     state = {"cpu": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
@@ -191,8 +189,6 @@ def _rng_state() -> dict[str, list[int]]:
 
 def _set_rng_state(state: dict[str, list[int]]) -> None:
     """Inverse of :func:`_rng_state`: a resumed run draws the dropout masks the uninterrupted run drew."""
-    import torch
-
     torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))

@@ -122,7 +122,7 @@ class Supernet(nn.Module):
     def set_active(self, arch: Any) -> Any:
         """Run ``arch`` from now on; returns the parsed arch. ConfigError if not in the space."""
         arch = self.space.validate(arch)
-        hidden, ops = self._plan(arch)
+        hidden, ops = self._plan_valid(arch)
         self.active_arch, self.active_hidden, self.active_ops = arch, hidden, ops
         return arch
 
@@ -187,7 +187,11 @@ class Supernet(nn.Module):
         """``(hidden, ops)`` of ``arch`` (default: the active arch); ConfigError if not in the space."""
         if arch is None:
             return self.active_hidden, self.active_ops
-        hidden, ops = self.space.plan(self.space.validate(arch))
+        return self._plan_valid(self.space.validate(arch))
+
+    def _plan_valid(self, arch: Any) -> tuple[int, tuple[OpSpec, ...]]:
+        """``(hidden, ops)`` of an already validated ``arch``; ConfigError if it is deeper than the supernet."""
+        hidden, ops = self.space.plan(arch)
         if len(ops) > len(self.layers):
             raise ConfigError(f"arch {arch} has {len(ops)} op-layers, the supernet {len(self.layers)}")
         return hidden, ops

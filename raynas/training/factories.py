@@ -88,11 +88,12 @@ def freeze_unreached(net: nn.Module, logits: bool) -> list[str]:
 
 
 def load_plain_student(path: str, eager: bool = False) -> nn.Module:
-    """A masked-LM model that keeps its checkpoint's pooler, frozen.
+    """A masked-LM model that keeps its checkpoint's pooler.
 
     ``*ForMaskedLM`` classes drop the pooler, so further training would hand back
     a model whose ``AutoModel`` pooler is freshly random. No pre-training loss
-    touches the pooler: it is kept as loaded and frozen (no weight decay either).
+    touches the pooler: it is kept as loaded, and :func:`freeze_unreached` freezes
+    it (no weight decay either) with the other weights no loss reaches.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForMaskedLM
@@ -118,9 +119,7 @@ def load_plain_student(path: str, eager: bool = False) -> nn.Module:
                 state = {k.rsplit("pooler.", 1)[1]: f.get_tensor(k) for k in f.keys() if "pooler." in k}
             if state:
                 base.pooler.load_state_dict(state)
-    if getattr(base, "pooler", None) is not None:
-        base.pooler.requires_grad_(False)
-    return net
+    return net  # the pooler trains under no loss: build_student freezes it (freeze_unreached)
 
 
 def student_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raynas.errors import ConfigError, require
+from raynas.training.optim import Placement
 
 Tensor = torch.Tensor
 Batch = Mapping[str, Tensor]
@@ -224,6 +225,7 @@ class TeacherCache:
         ``logits=False``: no logits distillation reads them, so the teacher's MLM head is skipped."""
         self.teacher = teacher.eval().requires_grad_(False).to(device=device, dtype=dtype)
         self.device = next(self.teacher.parameters()).device
+        self._placement = Placement(self.device)
         self.output_attentions, self.logits = output_attentions, logits
         self.calls = 0
         self._batch: Batch | None = None
@@ -234,7 +236,7 @@ class TeacherCache:
         if self._out is not None and batch is self._batch:
             return self._out
         extra = {"output_attentions": True} if self.output_attentions else {}
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in model_inputs(batch).items()}
+        inputs = self._placement.batch(model_inputs(batch))
         out = run_model(self.teacher, inputs, self.logits, output_hidden_states=True, **extra)
         self.calls += 1
         att = _last_attention(out)

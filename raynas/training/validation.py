@@ -31,7 +31,6 @@ from raynas.training.optim import Placement
 Tensor = torch.Tensor
 
 
-@torch.no_grad()
 def validation_losses(
     net: nn.Module,
     archs: Sequence[Any],
