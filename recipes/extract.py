@@ -16,14 +16,14 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 
 from raynas.cli import run_recipe
 from raynas.errors import ConfigError
 from raynas.export import export_model
-from raynas.supernet import load_supernet, load_supernet_tokenizer
+from raynas.supernet import Supernet, load_supernet, load_supernet_tokenizer
 from raynas.tables import read_column, to_table, write_parquet
 
 SCHEMA = pa.schema([
@@ -55,6 +55,30 @@ def folder_name(arch: str) -> str:
     return f"{safe[:40]}-{hashlib.sha1(arch.encode()).hexdigest()[:12]}"
 
 
+def extract_family(net: Supernet, tokenizer: Any, archs: Sequence[str], out: Path, overwrite: bool = False,
+                   raynas_format: bool = False) -> list[dict[str, Any]]:
+    """Export each arch's sub-model to ``out/<folder_name(arch)>``; one row (SCHEMA) per model.
+
+    Refuses (before writing anything) when a target exists and ``overwrite`` is off.
+    Also the extraction stage of ``raynas autotinybert``.
+    """
+    targets = [out / folder_name(a) for a in archs]
+    clash = [str(t) for t in targets if t.exists()]
+    if clash and not overwrite:
+        raise ConfigError(f"{clash[0]}: already exists (use --overwrite to replace)")
+    rows = []
+    for i, (arch, target) in enumerate(zip(archs, targets), 1):
+        model = net.extract(arch)
+        exported = export_model(model, target, tokenizer, overwrite=True, bert_if_possible=not raynas_format)
+        (target / "raynas_arch.json").write_text(json.dumps({"arch": arch, "space": net.space.name}) + "\n")
+        rows.append({"arch": arch, "path": str(target), "model_type": exported.model_type,
+                     "params_base": net.space.params(arch, "base"), "params_mlm": net.space.params(arch, "mlm"),
+                     "space": net.space.name})
+        print(f"[{i}/{len(archs)}] {arch} -> {target} ({exported.model_type}, {rows[-1]['params_base']:,} params)",
+              file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -65,23 +89,8 @@ def main(argv: Sequence[str]) -> int:
     if not raw:
         raise ConfigError(f"{args.archs}: no archs in column {args.column!r}")
     archs = [str(net.space.validate(str(a))) for a in raw]  # all checked before anything is written
-    out = Path(args.out)
-    targets = [out / folder_name(a) for a in archs]
-    clash = [str(t) for t in targets if t.exists()]
-    if clash and not args.overwrite:
-        raise ConfigError(f"{clash[0]}: already exists (use --overwrite to replace)")
-
-    rows = []
-    for i, (arch, target) in enumerate(zip(archs, targets), 1):
-        model = net.extract(arch)
-        exported = export_model(model, target, tokenizer, overwrite=True, bert_if_possible=not args.raynas_format)
-        (target / "raynas_arch.json").write_text(json.dumps({"arch": arch, "space": net.space.name}) + "\n")
-        rows.append({"arch": arch, "path": str(target), "model_type": exported.model_type,
-                     "params_base": net.space.params(arch, "base"), "params_mlm": net.space.params(arch, "mlm"),
-                     "space": net.space.name})
-        print(f"[{i}/{len(archs)}] {arch} -> {target} ({exported.model_type}, {rows[-1]['params_base']:,} params)",
-              file=sys.stderr, flush=True)
-    table = write_parquet(to_table(rows, SCHEMA), out / "extracted.parquet")
+    rows = extract_family(net, tokenizer, archs, Path(args.out), args.overwrite, args.raynas_format)
+    table = write_parquet(to_table(rows, SCHEMA), Path(args.out) / "extracted.parquet")
     print(f"wrote {len(rows)} model folder(s) and {table}")
     return 0
 

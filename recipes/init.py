@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -41,6 +41,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def supernet_around_teacher(teacher_ref: str, strategy: str = "heads") -> tuple[Supernet, Any]:
+    """``(supernet, tokenizer)``: AutoTinyBERT's space scaled to the teacher, whose largest sub-model is the teacher.
+
+    Also the seeding step of ``raynas autotinybert`` when its config names ``init.teacher``.
+    """
+    teacher, tokenizer = load_teacher(teacher_ref)
+    model = from_bert(teacher)
+    c = model.config
+    mha = c.ops[0]
+    shape = EmbeddingShape(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
+    space = HomogeneousSpace.around(len(c.ops) // 2, c.hidden_size, c.ops[1].inner, mha.heads, mha.head_dim, shape,
+                                    strategy=strategy, name=f"around-{Path(str(teacher_ref)).name}")
+    net = Supernet.from_space(space, hidden_dropout_prob=c.hidden_dropout_prob,
+                              attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+                              layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id)
+    net.inject(model, space.largest())
+    return net, tokenizer
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -49,17 +68,8 @@ def main(argv: Sequence[str]) -> int:
     torch.manual_seed(args.seed)
     tokenizer = None
     if args.teacher:
-        teacher, tokenizer = load_teacher(args.teacher)
-        model = from_bert(teacher)
-        c = model.config
-        mha = c.ops[0]
-        shape = EmbeddingShape(c.vocab_size, c.max_position_embeddings, c.type_vocab_size)
-        space = HomogeneousSpace.around(len(c.ops) // 2, c.hidden_size, c.ops[1].inner, mha.heads, mha.head_dim, shape,
-                                        strategy=args.strategy, name=f"around-{Path(str(args.teacher)).name}")
-        net = Supernet.from_space(space, hidden_dropout_prob=c.hidden_dropout_prob,
-                                  attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-                                  layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id)
-        net.inject(model, space.largest())
+        net, tokenizer = supernet_around_teacher(args.teacher, args.strategy)
+        space = net.space
     else:
         space = load_space(args.space)
         net = Supernet.from_space(space)
