@@ -241,9 +241,9 @@ def test_a_failed_evaluation_is_retried_once_then_dropped(space):
     constraint = Constraint(space, "params")
     search = EvolutionSearch(space, constraint.costs, constraint.budgets(["2x"]), generations=1, population=3)
     (arch, _), *_ = search.ask(3)
-    search.fail(arch)
+    search.fail([arch])
     assert search.ask(1)[0][0] == arch
-    search.fail(arch)
+    search.fail([arch])
     assert arch in search.dropped and search.stats["failed"] == 1
     for a in search.pending:
         search.tell(a, 1.0)

@@ -201,6 +201,19 @@ def measure_latency(model_or_path: ModelRef, seq_len: int = 128, batch_size: int
     return _run([(name, model_or_path)], seq_len, batch_size, threads, warmup, repeats, seed, device)[0]
 
 
+def measure_modules(named: Sequence[tuple[str, ModelRef]], seq_len: int = 128, batch_size: int = 1,
+                    threads: int | None = None, warmup: int = 3, repeats: int = 20, seed: int = 0,
+                    device: str = "cpu") -> list[Row]:
+    """``measure_latency``'s row for each ``(name, model)``, all timed interleaved in one group, plus ``name``.
+
+    For many in-memory modules at once (the latency predictor's dataset times a
+    chunk of sampled archs beside the reference): one warm-up and round-robin
+    protocol for the whole group, exactly as ``compare_latency`` times folders.
+    """
+    rows = _run(named, seq_len, batch_size, threads, warmup, repeats, seed, device)
+    return [{"name": name, **row} for (name, _), row in zip(named, rows)]
+
+
 def compare_latency(paths: Sequence[str | os.PathLike], reference: str | os.PathLike, seq_len: int = 128,
                     batch_size: int = 1, threads: int | None = None, warmup: int = 3, repeats: int = 20,
                     seed: int = 0, device: str = "cpu") -> list[Row]:

@@ -87,6 +87,10 @@ class Constraint:
         name = getattr(predictor, "space_name", None)
         if predictor is not None and name is not None and name != space.name:
             raise ConfigError(f"predictor: fitted on space {name!r}, but the supernet's space is {space.name!r}")
+        fitted = getattr(predictor, "space", None)
+        if isinstance(fitted, Space) and fitted.to_dict() != space.to_dict():
+            raise ConfigError(f"predictor: fitted on a space {space.name!r} with other dimensions than the "
+                              "supernet's (measure and fit it for this supernet's space)")
         self.space, self.kind, self.unit = space, kind, UNITS[kind]
         self.predictor, self.seq_len = predictor, seq_len
         self._latency: dict[str, float] = {}

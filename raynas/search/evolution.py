@@ -183,17 +183,20 @@ class EvolutionSearch:
         self.archive[name] = {**asdict(c), "loss": float(loss)}
         self._advance()
 
-    def fail(self, arch: str) -> None:
-        """An evaluation failed: the arch goes back to the front of the queue once, then is dropped."""
-        name = self.space.format(arch)
-        c = self._pending.pop(name)
-        self._failures[name] += 1
-        if self._failures[name] <= MAX_RETRIES:
-            self._queue.insert(0, c)
-        else:
-            self.dropped.append(name)
-            self.stats["failed"] += 1
-            self._advance()
+    def fail(self, archs: Sequence[str]) -> None:
+        """Evaluations failed: the archs go back to the front of the queue (in order) once, then are dropped."""
+        again = []
+        for arch in archs:
+            name = self.space.format(arch)
+            c = self._pending.pop(name)
+            self._failures[name] += 1
+            if self._failures[name] <= MAX_RETRIES:
+                again.append(c)
+            else:
+                self.dropped.append(name)
+                self.stats["failed"] += 1
+        self._queue[:0] = again
+        self._advance()
 
     def replay(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Tell stored rows (``arch``, ``generation``, ``proxy_loss``) to a fresh search; returns how many.
