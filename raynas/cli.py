@@ -15,6 +15,7 @@ from raynas.errors import ConfigError
 
 # subcommand -> (module, one-line description); order is the order of --help
 RECIPES: dict[str, tuple[str, str]] = {
+    "autotinybert": ("recipes.autotinybert", "the main job: supernet -> latency predictor -> search -> extract -> further training -> re-measured family + report"),
     "init": ("recipes.init", "create a supernet folder from a search space, or around a teacher (seeded with its weights)"),
     "supernet": ("recipes.supernet", "train a supernet on Ray Train (batch-wise / sandwich sub-models, DeepSpeed ZeRO or DDP)"),
     "train": ("recipes.train", "further training of an extracted model (MLM or distillation) on Ray Train + DeepSpeed"),
@@ -22,7 +23,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "latency": ("recipes.latency", "measure archs of a space on this hardware (Ray tasks), fit and save a latency predictor (MLP vs FLOPs-linear)"),
     "search": ("recipes.search", "evolutionary (AutoTinyBERT), random or Fast search for the best arch per latency budget on Ray Tune; Parquet rows, resumable"),
     "evaluate": ("recipes.evaluate", "fine-tune on GLUE / SQuAD as a Ray Tune sweep; family report (size, latency, scores)"),
-    "bench": ("recipes.bench", "benchmarks: bench supernet (active path vs extracted step time), bench fitness (shared supernet vs extracting each), bench train (training tokens/s)"),
+    "bench": ("recipes.bench", "benchmarks: bench supernet (active path vs extracted step time), bench fitness (shared supernet vs extracting each), bench train (training tokens/s), bench ranking (supernet proxy vs stand-alone ranking)"),
 }
 
 

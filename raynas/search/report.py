@@ -31,7 +31,8 @@ def pareto_plot(evaluated: Sequence[Row], front: Sequence[Row], models: Sequence
 
     ``evaluated`` / ``front`` rows need ``predicted_latency_ms`` and ``proxy_loss``;
     ``models`` rows need ``budget``, ``proxy_loss``, ``predicted_latency_ms`` and
-    may carry ``measured_latency_ms`` and ``meets_budget``.
+    may carry ``measured_latency_ms`` (or ``plot_measured_ms``, where the measured point
+    belongs, e.g. a measured speedup put on the predictor's reference scale) and ``meets_budget``.
     """
     try:
         import matplotlib
@@ -56,7 +57,7 @@ def pareto_plot(evaluated: Sequence[Row], front: Sequence[Row], models: Sequence
     for r in models:
         px, y = r["predicted_latency_ms"], r["proxy_loss"]
         ax.scatter([px], [y], marker="*", s=140, c="#d62728", zorder=4, label=None if marked else "chosen (predicted)")
-        mx = r.get("measured_latency_ms")
+        mx = r.get("plot_measured_ms", r.get("measured_latency_ms"))
         if mx is not None and not (isinstance(mx, float) and math.isnan(mx)):
             bad = r.get("meets_budget") is False
             ax.plot([px, mx], [y, y], c="#d62728", lw=0.8, zorder=3)
@@ -69,7 +70,7 @@ def pareto_plot(evaluated: Sequence[Row], front: Sequence[Row], models: Sequence
     ax.set_xlabel("latency (ms, predicted; measured where marked)")
     ax.set_ylabel("proxy loss (validation, lower is better)")
     ax.set_title(title or "search: latency vs proxy loss", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_file(path) as tmp:
