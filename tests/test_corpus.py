@@ -191,3 +191,13 @@ def test_collator_pads_and_resumes_exactly(tokenizer):
     for want in expected:
         got = resumed(rows)
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_files_may_mix_builtin_text_with_local_files(tmp_path) -> None:
+    from raynas.data.corpus import CorpusConfig, builtin_documents, load_documents
+
+    extra = tmp_path / "extra.txt"
+    extra.write_text("first paragraph\n\nsecond paragraph\n")
+    docs = load_documents(CorpusConfig(files=["builtin:python-docs", str(extra)]))["text"]
+    assert docs[-2:] == ["first paragraph", "second paragraph"]
+    assert len(docs) == len(builtin_documents("python-docs")) + 2

@@ -56,7 +56,7 @@ class CorpusConfig:
     """Where the text comes from and how it is cut; every field is part of the cache key."""
 
     source: str = "builtin:python-docs"
-    files: list[str] = field(default_factory=list)  # when given, these local files are the corpus (source ignored)
+    files: list[str] = field(default_factory=list)  # when given, these local files (and builtin:NAME entries) are the corpus (source ignored)
     text_field: str = "text"  # .jsonl field / .parquet column / hub dataset column
     seq_len: int = 128
     validation_fraction: float = 0.05
@@ -178,7 +178,7 @@ def _is_local(source: str) -> bool:
 
 def _local_files(cfg: CorpusConfig) -> list[Path] | None:
     if cfg.files:
-        return resolve_files(list(cfg.files))
+        return resolve_files([f for f in cfg.files if not str(f).startswith(BUILTIN_PREFIX)])
     if not cfg.source.startswith(BUILTIN_PREFIX) and _is_local(cfg.source):
         return resolve_files([cfg.source])
     return None
@@ -186,6 +186,14 @@ def _local_files(cfg: CorpusConfig) -> list[Path] | None:
 
 def load_documents(cfg: CorpusConfig) -> datasets.Dataset:
     """A one-column (``text``) dataset of raw documents for ``cfg``."""
+    if cfg.files:  # local files, and builtin:NAME entries mixed in (e.g. the offline corpus plus WikiText-2)
+        docs: list[str] = []
+        for entry in cfg.files:
+            if str(entry).startswith(BUILTIN_PREFIX):
+                docs += builtin_documents(str(entry)[len(BUILTIN_PREFIX):])
+            else:
+                docs += [d for path in resolve_files([entry]) for d in read_documents(path, cfg.text_field)]
+        return datasets.Dataset.from_dict({"text": docs})
     files = _local_files(cfg)
     if files is not None:
         docs = [d for path in files for d in read_documents(path, cfg.text_field)]
@@ -230,7 +238,7 @@ def _cache_key(cfg: CorpusConfig, tokenizer: Any) -> str:
     parts = {
         "config": asdict(cfg),
         "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-        "python": sys.version if cfg.source.startswith(BUILTIN_PREFIX) and not cfg.files else "",
+        "python": sys.version if any(str(s).startswith(BUILTIN_PREFIX) for s in (cfg.files or [cfg.source])) else "",
         "tokenizer": [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
                       tokenizer.cls_token_id, tokenizer.sep_token_id],
     }

@@ -31,6 +31,7 @@ from raynas.search.config import SearchConfig
 from raynas.search.latency_data import LatencyConfig
 from raynas.training.config import TrainConfig
 
+BASELINE = "baseline:"  # key prefix of baseline models (a searched arch may equal a baseline's, with other weights)
 STAGES = ("supernet", "latency", "search", "extract", "further", "measure", "report")
 
 
@@ -52,9 +53,14 @@ class PipelineConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     further: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over the supernet's; steps: 0 skips
+    # with init.teacher: archs taken from the *teacher-seeded* supernet (e.g. 3-384-1536-12-384 = the teacher's
+    # first 3 layers), trained and measured exactly like the winners: the "pre-trained fewer layers" baseline
+    baselines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.baselines and not self.init.teacher:
+            problems.append("baselines: need init.teacher (they are cut from the teacher-seeded supernet)")
         if self.init.strategy not in ("heads", "dims"):
             problems.append(f"init.strategy: expected heads or dims, got {self.init.strategy!r}")
         if "out" in self.supernet or "out" in self.further:
@@ -140,8 +146,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         "latency": {"latency": lat, "init": dataclasses.asdict(cfg.init), "space": cfg.supernet.get("space"),
                     "space_overrides": cfg.supernet.get("space_overrides")},
         "search": {"search": sea},  # the budgets are in it: a new budget is answered by `raynas search --answer`
-        "extract": {},
-        "further": fur,
+        "extract": {"baselines": list(cfg.baselines)},
+        "further": {**fur, "baselines": list(cfg.baselines)},
         "measure": {"latency": lat},
         "report": {},
     }
@@ -197,7 +203,16 @@ def stage_extract(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str,
     out = run_dir(cfg) / "extracted"
     todo = [a for a in archs if not (out / folder_name(a)).is_dir()]
     extract_family(net, tokenizer, todo, out, overwrite=True)
-    return {"models": {a: str(out / folder_name(a)) for a in archs}}
+    models = {a: str(out / folder_name(a)) for a in archs}
+    if cfg.baselines:  # from the teacher-seeded supernet, before any supernet training
+        init = run_dir(cfg) / "init"
+        teacher_net = load_supernet(init)
+        base_out = run_dir(cfg) / "baselines"
+        archs = [teacher_net.space.format(teacher_net.space.validate(a)) for a in cfg.baselines]
+        extract_family(teacher_net, load_supernet_tokenizer(init),
+                       [a for a in archs if not (base_out / folder_name(a)).is_dir()], base_out, overwrite=True)
+        models.update({BASELINE + a: str(base_out / folder_name(a)) for a in archs})
+    return {"models": models}
 
 
 def stage_further(cfg: PipelineConfig, extracted: dict[str, str]) -> dict[str, Any]:
@@ -308,6 +323,13 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str,
                      "measured_latency_p90_ms": t["latency_p90_ms"], "reference_latency_ms": ref_ms,
                      "predicted_speedup": c.get("predicted_speedup"), "measured_speedup": speedup,
                      "meets_budget": bool(meets), "note": note})
+    for key in sorted(k for k in finals if k.startswith(BASELINE)):
+        t, m = by_path[finals[key]], further_metrics.get(key, {})
+        rows.append({"budget": "baseline", "unit": "ms", "arch": key[len(BASELINE):], "path": finals[key],
+                     "params": t["params"], "val_loss_before": _first(m, "initial_val_loss"),
+                     "val_loss_after": _first(m, "val_loss"), "measured_latency_ms": t["latency_ms"],
+                     "measured_latency_p90_ms": t["latency_p90_ms"], "reference_latency_ms": ref_ms,
+                     "measured_speedup": ref_ms / t["latency_ms"], "note": "cut from the teacher, trained the same way"})
     return {"reference": reference, "reference_ms": ref_ms, "models": rows}
 
 
@@ -335,15 +357,16 @@ def stage_report(cfg: PipelineConfig, records: dict[str, Any], latency: dict[str
     ref_ms = latency.get("reference_ms")
     # speedup budgets are judged by measured speedup over the reference timed with the models, so the measured
     # point is that speedup on the predictor's scale (its reference / measured speedup): comparable with the lines
+    searched = [r for r in models if r["budget"] != "baseline" and r.get("arch")]
     marks = [{**r, "plot_measured_ms": ref_ms / r["measured_speedup"]} if ref_ms and r.get("measured_speedup")
-             and str(r["budget"]).lower().endswith("x") else r for r in models]
+             and str(r["budget"]).lower().endswith("x") else r for r in searched]
     plot = pareto_plot(evaluated, front, marks, {b.label: b.value for b in budgets if b.unit == "ms"},
                        root / "pareto.png", title=f"raynas autotinybert: {len(evaluated)} archs evaluated",
                        reference_ms=latency.get("reference_ms"))
     m = latency.get("metrics") or {}
     timing = search.get("timing") or {}
     stages = "\n".join(f"| {name} | {records.get(name, {}).get('seconds', '–')} |" for name in STAGES[:-1])
-    over = [r for r in models if r.get("arch") and not r.get("meets_budget")]
+    over = [r for r in searched if not r.get("meets_budget")]
     sections = [
         ("Models", markdown_table(models, ["budget", "arch", "params", "proxy_loss", "val_loss_after",
                                            "predicted_latency_ms", "measured_latency_ms", "predicted_speedup",
