@@ -96,7 +96,9 @@ class LatencyConfig:
     model folder, or null. ``resources`` / ``label_selector`` pick the node
     type the Ray tasks run on; ``concurrency`` caps tasks in flight (1: no two
     measurements share a machine's memory bandwidth); ``chunk``: archs per task,
-    timed interleaved.
+    timed interleaved with one reference (4: the reference is never more than
+    a few seconds from the archs it normalizes; it costs one reference timing
+    per 4 archs).
 
     What the predictor fits: ``statistic`` (``median``, the final report's
     latency, or ``min`` of the repeats, the least disturbed run) and, with
@@ -104,9 +106,10 @@ class LatencyConfig:
     timed in its own chunk (``value * reference_ms / chunk's reference``):
     the interleaved speedup the final report measures, expressed in the
     reference's ms. On a shared machine this cancels slow periods that hit a
-    whole chunk (measured on 2 busy cores: re-measurement MAPE 31 % raw, 20 %
-    normalized, 12 % normalized min). The Parquet keeps raw values, so a refit
-    with other choices measures nothing again.
+    whole chunk. Measured on 2 shared, busy cores (MiniLM space, 240 archs):
+    re-measurement MAPE 31-38 % raw; normalized, 20 % with chunks of 8 and
+    10.5 % with chunks of 4 (7 % for the min). The Parquet keeps raw values,
+    so a refit with other choices measures nothing again.
     """
 
     n_archs: int = 240
@@ -123,7 +126,7 @@ class LatencyConfig:
     concurrency: int = 1
     resources: dict[str, float] = field(default_factory=dict)
     label_selector: dict[str, str] | None = None
-    chunk: int = 8
+    chunk: int = 4
     statistic: str = "median"
     normalize: bool = True
 

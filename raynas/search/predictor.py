@@ -168,7 +168,11 @@ class LatencyPredictor:
     """Predicts milliseconds of one forward of an arch's base encoder under fixed settings.
 
     ``settings``: ``batch_size``, ``seq_len``, ``threads``, ``device``, ``warmup``,
-    ``repeats`` of the measurements it was fitted on. ``reference_ms``: the
+    ``repeats`` of the measurements it was fitted on, and (from
+    :func:`~raynas.search.latency_data.build_latency_predictor`) ``statistic``
+    (median / min of the repeats) and ``normalized`` (each arch rescaled by
+    the reference timed beside it, so ``reference_ms / prediction`` is the
+    interleaved speedup). ``reference_ms``: the
     reference model's latency (teacher, or the space's largest arch) measured in
     the same run with the same protocol, so a budget like "4x" is
     ``reference_ms / 4``. ``metrics``: held-out ``mape`` (%), ``rmse_ms``,
