@@ -296,7 +296,8 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str,
     say(f"measure: {len(paths)} final model(s) against {reference}, {lat.repeats} repeats each, interleaved")
     timed = compare_latency(paths, reference, seq_len=lat.seq_len, batch_size=lat.batch_size, threads=lat.threads,
                             warmup=lat.warmup, repeats=lat.repeats, seed=lat.seed, device=lat.device)
-    by_path = {r["model"]: r for r in timed}
+    key = "latency_min_ms" if lat.statistic == "min" else "latency_ms"  # the statistic the predictor was fitted on
+    by_path = {r["model"]: {**r, "latency_ms": r[key]} for r in timed}
     ref_ms = by_path[reference]["latency_ms"]
     rows = []
     for c in chosen:
