@@ -9,6 +9,8 @@
     raynas bench fitness --supernet runs/supernet --archs 200 --batches 4
     raynas bench ranking --supernet runs/supernet-tiny/supernet --config recipes/configs/supernet-tiny.yaml
     raynas bench ranking --supernet DIR --config YAML --archs 10 --steps 120 --workers 2 --deepspeed lr=5e-4
+    raynas bench search --supernet runs/supernet-tiny/supernet --predictor runs/latency-tiny/predictor \
+        --out runs/bench-search budgets='[1.5x,2x,3x]' population=10 corpus.seq_len=64
 
 ``supernet`` times one MLM training step (zero_grad, forward, backward) of a
 supernet's active path against the extracted standalone model on the same
@@ -28,6 +30,10 @@ data, objective and budget each) and compares their validation-loss ranking
 with the supernet's proxy ranking: pairwise ranking accuracy (AutoTinyBERT
 Appendix E: 96.7 %) and Kendall tau. It tells whether to trust the supernet
 before spending on search.
+
+``search`` runs evolution and random search with the same budgets and number of
+evaluations for several seeds on the same validation batches, and reports the
+best feasible proxy loss per budget and the hypervolume of each run's front.
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ SUPERNET_SCHEMA = pa.schema([
     ("arch", pa.string()), ("params", pa.int64()), ("supernet_ms", pa.float64()), ("extracted_ms", pa.float64()),
     ("ratio", pa.float64()), ("batch", pa.int32()), ("seq_len", pa.int32()), ("threads", pa.int32()),
     ("space", pa.string()),
+])
+SEARCH_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("seed", pa.int64()), ("budget", pa.string()), ("budget_value", pa.float64()),
+    ("best_loss", pa.float64()), ("best_arch", pa.string()), ("evaluations", pa.int64()), ("hypervolume", pa.float64()),
+])
+SEARCH_SUMMARY_SCHEMA = pa.schema([
+    ("strategy", pa.string()), ("budget", pa.string()), ("mean", pa.float64()), ("std", pa.float64()),
+    ("seeds", pa.int64()), ("wins", pa.int64()), ("better", pa.string()),
 ])
 FITNESS_SCHEMA = pa.schema([
     ("arch", pa.string()), ("params", pa.int64()), ("shared_loss", pa.float64()), ("extracted_loss", pa.float64()),
@@ -144,6 +158,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted TrainConfig overrides for the stand-alone runs, e.g. batch_size=16 lr=5e-4")
     r.set_defaults(run=bench_ranking)
+
+    q = sub.add_parser(
+        "search", help="evolution vs random search at equal evaluations, over seeds",
+        description="For each seed, run raynas search with strategy evolution and with strategy random (the same "
+                    "budgets, generations and population, so the same number of evaluations), every run scored on "
+                    "the same validation batches and kept in OUT/<strategy>-seed<S> (a rerun resumes). Prints per "
+                    "budget the best feasible proxy loss of every run, the hypervolume of each run's (predicted "
+                    "latency, loss) front against one shared reference point, and mean, std and wins over seeds; "
+                    "writes OUT/bench_search.parquet (per run and budget) and OUT/bench_search_summary.parquet.",
+    )
+    q.add_argument("--supernet", required=True, metavar="DIR", help="trained supernet folder")
+    q.add_argument("--predictor", metavar="DIR", help="latency predictor folder (raynas latency); for constraint=latency")
+    q.add_argument("--out", default="runs/bench-search", help="folder for the runs and tables (default: runs/bench-search)")
+    q.add_argument("--config", metavar="YAML", help="SearchConfig YAML (budgets, generations, population, corpus ...)")
+    q.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="SearchConfig overrides, e.g. budgets='[2x,4x]'")
+    q.set_defaults(run=bench_search)
     return p.parse_args(argv)
 
 
@@ -310,6 +341,48 @@ def bench_ranking(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(format_summary(summary))
     print(f"wrote {Path(args.out) / 'ranking.parquet'} and ranking.json", file=sys.stderr)
+    return 0
+
+
+def bench_search(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from raynas.benchmarks.search_strategies import compare_strategies, summarize
+    from raynas.config_loading import load_config
+    from raynas.orchestration.search_tune import corpus_validation_batches
+    from raynas.search.config import SearchConfig
+    from raynas.search.constraints import Constraint
+    from raynas.supernet import load_supernet, load_supernet_tokenizer
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    cfg = load_config(SearchConfig, args.config, args.overrides)
+    net = load_supernet(args.supernet)
+    predictor = None
+    if args.predictor:
+        from raynas.search.predictor import LatencyPredictor
+
+        predictor = LatencyPredictor.load(args.predictor)
+    constraint = Constraint(net.space, cfg.constraint, predictor, seq_len=cfg.seq_len)
+    constraint.budgets(cfg.budgets)  # every budget checked before Ray starts
+    out = Path(args.out)
+    batches = corpus_validation_batches(cfg, load_supernet_tokenizer(args.supernet), out)
+    per_budget, per_run = compare_strategies(args.supernet, constraint, cfg, out, batches, seeds=seeds,
+                                             progress=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = summarize(per_budget, per_run)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(pd.DataFrame(per_budget).drop(columns=["budget_value"]).to_string(index=False))
+        print(pd.DataFrame(per_run).to_string(index=False))
+        print(pd.DataFrame(summary).to_string(index=False))
+    runs = {(r["strategy"], r["seed"]): r for r in per_run}
+    write_parquet(to_table([{**r, "hypervolume": runs[r["strategy"], r["seed"]]["hypervolume"]} for r in per_budget],
+                           SEARCH_SCHEMA), out / "bench_search.parquet")
+    write_parquet(to_table(summary, SEARCH_SUMMARY_SCHEMA), out / "bench_search_summary.parquet")
+    print(f"wrote {out / 'bench_search.parquet'} and bench_search_summary.parquet", file=sys.stderr)
     return 0
 
 
