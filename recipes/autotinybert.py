@@ -42,16 +42,18 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     cfg = load_config(PipelineConfig, args.config, args.overrides)
     result = run_pipeline(cfg)
-    width = max(len(str(r.get("budget"))) for r in result["models"]) if result["models"] else 6
+    width = max([6, *(len(str(r.get("budget"))) for r in result["models"])])
     print(f"{'budget':<{width}}  {'arch':<22} {'params':>11} {'proxy':>7} {'pred ms':>8} {'meas ms':>8} "
           f"{'speedup':>7}  meets")
+    num = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731  (baselines have no prediction)
     for r in result["models"]:
         if not r.get("arch"):
             print(f"{r['budget']:<{width}}  (no arch fits: {r.get('note')})")
             continue
-        print(f"{r['budget']:<{width}}  {r['arch']:<22} {r['params']:>11,} {r['proxy_loss']:>7.3f} "
-              f"{r['predicted_latency_ms'] or float('nan'):>8.2f} {r['measured_latency_ms']:>8.2f} "
-              f"{r['measured_speedup']:>6.2f}x  {'yes' if r['meets_budget'] else 'NO (over budget)'}")
+        meets = {True: "yes", False: "NO (over budget)", None: "(baseline)"}[r.get("meets_budget")]
+        print(f"{r['budget']:<{width}}  {r['arch']:<22} {r['params']:>11,} {num(r.get('proxy_loss'), '>7.3f'):>7} "
+              f"{num(r.get('predicted_latency_ms'), '>8.2f'):>8} {r['measured_latency_ms']:>8.2f} "
+              f"{r['measured_speedup']:>6.2f}x  {meets}")
     print(f"models:  {Path(result['run']) / 'further'} (one transformers folder per arch; see models.parquet)")
     print(f"tables:  {result['table']} (and search/evaluated.parquet, latency/latency.parquet)")
     print(f"plot:    {result.get('plot') or '(skipped: pip install matplotlib)'}")
