@@ -70,6 +70,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from raynas.data.corpus import shard_for_worker
     from raynas.data.masking import MLMCollator
+    from raynas.data.validation_set import mlm_validation_batches
     from raynas.training.objectives import TeacherOutput
     from raynas.training.sampling import size_class
 
@@ -93,9 +94,7 @@ def train_loop(config: dict[str, Any]) -> None:
     sampler = build_step_sampler(cfg, space, rank, world, per_rank)
     inplace = sampler.inplace_distillation and cfg.objective.mode == "mlm"
     collator = MLMCollator(tokenizer, cfg.objective.mlm_probability, seed=cfg.seed * 1000 + rank)
-    val_collator = MLMCollator(tokenizer, cfg.objective.mlm_probability, seed=12345)
-    val_batches = [val_collator(val[i: i + micro]["input_ids"])
-                   for i in range(0, min(len(val), micro * cfg.eval_batches), micro)]
+    val_batches = mlm_validation_batches(val, tokenizer, micro, cfg.eval_batches, cfg.objective.mlm_probability)
     eval_archs = {"largest": space.largest(), "smallest": space.smallest()} if space is not None else {"model": None}
 
     start, ckpt = 0, ray.train.get_checkpoint()
