@@ -33,6 +33,12 @@ T = TypeVar("T")
 STAGES_FILE = "stages.json"
 
 
+def clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` past an hour): elapsed times and ETAs in every progress line."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, so a diff can name the exact field."""
     if isinstance(raw, Mapping) and raw:
@@ -94,7 +100,7 @@ class StageRun:
         return bool(self.records.get(name, {}).get("done"))
 
     def run(self, name: str, config: Mapping[str, Any], fn: Callable[[], T],
-            summary: Callable[[T], Any] = lambda _: None) -> Any:
+            summary: Callable[[T], Any] = lambda result: result) -> Any:
         """Run stage ``name`` and return ``summary(fn())``, or skip it and return the summary recorded when it ran.
 
         The summary is JSON-able data kept in the record: what later stages read, so

@@ -197,13 +197,11 @@ def validation_batches(rows: Any, tokenizer: Any, mlm_probability: float, n: int
                        seed: int) -> list[dict[str, Any]]:
     """The first ``n`` batches of ``batch_size`` validation rows, masked once with a seeded collator (as
     training's own validation does): every model is scored on these same tensors."""
-    from raynas.data.masking import MLMCollator
+    from raynas.data.validation_set import mlm_validation_batches
 
-    collator = MLMCollator(tokenizer, mlm_probability, seed=seed)
-    stop = min(len(rows), n * batch_size)
-    if stop == 0:
+    if len(rows) == 0:
         raise ConfigError("corpus.validation_fraction: the corpus has no validation rows to score on")
-    return [collator(rows[i: i + batch_size]["input_ids"]) for i in range(0, stop, batch_size)]
+    return mlm_validation_batches(rows, tokenizer, batch_size, n, mlm_probability, seed=seed)
 
 
 def _score(cfg: TrainConfig, archs: Sequence[Any], batches: list, teacher: Any) -> list[float]:

@@ -281,7 +281,7 @@ def _reference_folder(cfg: PipelineConfig, supernet_dir: str) -> str:
     return str(target)
 
 
-def stage_measure(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str, Any]], finals: dict[str, str],
+def stage_measure(cfg: PipelineConfig, supernet_dir: str, search: dict[str, Any], finals: dict[str, str],
                   further_metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Re-time every final model interleaved with the reference (the predictor's protocol); one row per budget.
 
@@ -299,8 +299,9 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str,
     key = "latency_min_ms" if lat.statistic == "min" else "latency_ms"  # the statistic the predictor was fitted on
     by_path = {r["model"]: {**r, "latency_ms": r[key]} for r in timed}
     ref_ms = by_path[reference]["latency_ms"]
+    speedups = _budget_speedups(search)
     rows = []
-    for c in chosen:
+    for c in search["chosen"]:
         row: dict[str, Any] = {"budget": c["budget"], "budget_value": c["budget_value"], "unit": c["unit"],
                                "arch": c.get("arch"), "note": c.get("note") or ""}
         if not c.get("arch"):
@@ -310,9 +311,8 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str,
         t = by_path[path]
         m = further_metrics.get(c["arch"], {})
         speedup = ref_ms / t["latency_ms"]
-        if c["unit"] == "ms" and c.get("budget_value") and str(c["budget"]).lower().endswith("x"):
-            wanted = float(str(c["budget"])[:-1])
-            meets = speedup >= wanted
+        if speedups.get(c["budget"]) is not None:
+            meets = speedup >= speedups[c["budget"]]
         elif c["unit"] == "ms":
             meets = t["latency_ms"] <= c["budget_value"]
         else:
@@ -332,6 +332,11 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, chosen: list[dict[str,
                      "measured_latency_p90_ms": t["latency_p90_ms"], "reference_latency_ms": ref_ms,
                      "measured_speedup": ref_ms / t["latency_ms"], "note": "cut from the teacher, trained the same way"})
     return {"reference": reference, "reference_ms": ref_ms, "models": rows}
+
+
+def _budget_speedups(search: dict[str, Any]) -> dict[str, float | None]:
+    """Budget label -> the N of an ``Nx`` budget (None for absolute ones), as the search parsed it."""
+    return {b["label"]: b["speedup"] for b in search["budgets"]}
 
 
 def _first(metrics: dict[str, float], prefix: str) -> float | None:
@@ -359,8 +364,9 @@ def stage_report(cfg: PipelineConfig, records: dict[str, Any], latency: dict[str
     # speedup budgets are judged by measured speedup over the reference timed with the models, so the measured
     # point is that speedup on the predictor's scale (its reference / measured speedup): comparable with the lines
     searched = [r for r in models if r["budget"] != "baseline" and r.get("arch")]
+    speedups = _budget_speedups(search)
     marks = [{**r, "plot_measured_ms": ref_ms / r["measured_speedup"]} if ref_ms and r.get("measured_speedup")
-             and str(r["budget"]).lower().endswith("x") else r for r in searched]
+             and speedups.get(r["budget"]) is not None else r for r in searched]
     plot = pareto_plot(evaluated, front, marks, {b.label: b.value for b in budgets if b.unit == "ms"},
                        root / "pareto.png", title=f"raynas autotinybert: {len(evaluated)} archs evaluated",
                        reference_ms=latency.get("reference_ms"))
@@ -451,17 +457,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     stages = StageRun(run_dir(cfg), list(STAGES), log=say)
     stages.check(configs)
     say(f"autotinybert: run folder {run_dir(cfg)}")
-    sup = stages.run("supernet", configs["supernet"], lambda: stage_supernet(cfg), summary=lambda r: r)
-    lat = stages.run("latency", configs["latency"], lambda: stage_latency(cfg, sup["supernet"]), summary=lambda r: r)
-    sea = stages.run("search", configs["search"], lambda: stage_search(cfg, sup["supernet"], lat["predictor"]),
-                     summary=lambda r: r)
-    ext = stages.run("extract", configs["extract"], lambda: stage_extract(cfg, sup["supernet"], sea["chosen"]),
-                     summary=lambda r: r)
-    fur = stages.run("further", configs["further"], lambda: stage_further(cfg, ext["models"]), summary=lambda r: r)
+    sup = stages.run("supernet", configs["supernet"], lambda: stage_supernet(cfg))
+    lat = stages.run("latency", configs["latency"], lambda: stage_latency(cfg, sup["supernet"]))
+    sea = stages.run("search", configs["search"], lambda: stage_search(cfg, sup["supernet"], lat["predictor"]))
+    ext = stages.run("extract", configs["extract"], lambda: stage_extract(cfg, sup["supernet"], sea["chosen"]))
+    fur = stages.run("further", configs["further"], lambda: stage_further(cfg, ext["models"]))
     mea = stages.run("measure", configs["measure"],
-                     lambda: stage_measure(cfg, sup["supernet"], sea["chosen"], fur["models"], fur["metrics"]),
-                     summary=lambda r: r)
-    rep = stages.run("report", configs["report"], lambda: stage_report(cfg, stages.records, lat, sea, mea),
-                     summary=lambda r: r)
+                     lambda: stage_measure(cfg, sup["supernet"], sea, fur["models"], fur["metrics"]))
+    rep = stages.run("report", configs["report"], lambda: stage_report(cfg, stages.records, lat, sea, mea))
     return {"models": mea["models"], "table": rep["models"], "plot": rep["plot"], "report": rep["report"],
             "run": str(run_dir(cfg))}

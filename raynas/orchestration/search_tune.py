@@ -335,7 +335,7 @@ def _tune(cfg: SearchConfig, net: Any, search: EvolutionSearch, constraint: Cons
     def report() -> None:
         n, total = len(store), max(search.planned, len(store))
         rate = (time.perf_counter() - t_start) / max(1, n - done_before)
-        eta = "" if search.done else f", ETA {_clock(rate * (total - n))}"
+        eta = "" if search.done else f", ETA {clock(rate * (total - n))}"
         say(f"search: generation {search.generation}/{search.last_generation}, evaluations {n}/{total}{eta}")
 
     searcher = ArchSearcher(search, cfg.archs_per_trial, persist, max_trials, report)
@@ -384,11 +384,6 @@ def _timing(searcher: ArchSearcher, clock: _TrialClock, wall_s: float, startup_s
             "setup_s_per_trial": sum(searcher.setup_s.values()) / max(1, len(searcher.setup_s)),
             "tune_overhead_s_per_trial": sum(overhead) / len(overhead) if overhead else math.nan,
             "tune_overhead_s_median": overhead[len(overhead) // 2] if overhead else math.nan}
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def summary_dict(run: SearchRun) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from raynas.models import RaynasModel
 from raynas.search.metrics import mape
 from raynas.search.predictor import LatencyPredictor, depth, split_holdout
 from raynas.spaces import Space
+from raynas.stages import clock
 from raynas.supernet import Supernet, SupernetConfig
 from raynas.tables import to_table, write_parquet
 from raynas.teachers import resolve_teacher
@@ -359,11 +360,6 @@ def check_reference(reference: str | None) -> None:
         resolve_teacher(reference, "reference")
 
 
-def _eta(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s"
-
-
 def build_latency_predictor(space: Space, out_dir: str | Path, *, n_archs: int | None = None,
                             reference: str | None = None, config: LatencyConfig | None = None,
                             supernet_config: dict[str, Any] | None = None, runner: Runner | None = None,
@@ -411,7 +407,7 @@ def build_latency_predictor(space: Space, out_dir: str | Path, *, n_archs: int |
         measured += len(job.archs)
         rate = (time.perf_counter() - start) / measured
         print(f"latency: {measured}/{total} archs measured ({i}/{len(jobs)} chunks), "
-              f"ETA {_eta(rate * (total - measured))}", file=sys.stderr, flush=True)
+              f"ETA {clock(rate * (total - measured))}", file=sys.stderr, flush=True)
 
     target, reference_ms, n_ref = fit_targets(rows, cfg)
     first = {r["arch"]: target(r) for r in rows if r["role"] == "sample"}
