@@ -35,6 +35,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="pipeline YAML (teacher, space, blocks, pairs, shrink, train, approx, short, measure; "
                         "default: the offline demo)")
+    p.add_argument("--until", choices=["init", "pairs", "blocks", "approximate", "measure"],
+                   help="stop after this stage (a later run with the same OUT goes on from there)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. out=runs/x shrink.steps_per_stage=20 approx.top_t=2")
     return p.parse_args(argv)
@@ -45,7 +47,11 @@ def main(argv: Sequence[str]) -> int:
 
     args = parse_args(argv)
     cfg = load_nasbert_config(args.config, args.overrides)
-    result = run_pipeline(cfg)
+    result = run_pipeline(cfg, args.until)
+    if args.until:
+        print(f"stopped after stage {args.until!r}: {Path(cfg.out).expanduser().resolve()} (rerun without --until "
+              "to go on)")
+        return 0
     print(f"{'budget':<8} {'arch':<60} {'params':>11} {'ms':>7} {'speedup':>7}  within")
     for r in result["models"]:
         arch = r["arch"] if len(r["arch"]) <= 60 else r["arch"][:57] + "..."

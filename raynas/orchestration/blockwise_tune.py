@@ -157,6 +157,16 @@ class ShrinkingSearcher(Searcher):
                  f"{result['score_s']:.0f} s (train {result['train_s']:.0f} s, loss {result.get('train_loss', math.nan):.4f});"
                  f" per-bin survivors {sizes_before} -> {sizes}{' (finished)' if b.finished else ''}")
 
+    def save(self, checkpoint_path: str) -> None:
+        """For ``Tuner.restore``; raynas' own resume reads ``shrink_state.json`` (saved after every decision)."""
+        with open(checkpoint_path, "w") as f:
+            json.dump({"state": self.state.to_dict(), "failed": sorted(self.failed)}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            raw = json.load(f)
+        self.state, self.failed, self.in_flight = ShrinkState.from_dict(raw["state"]), set(raw["failed"]), {}
+
 
 def append_stage_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Append a stage's rows, replacing any rows of the same (block, stage) a killed run left behind."""

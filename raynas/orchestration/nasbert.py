@@ -209,8 +209,9 @@ def _constraint(cfg: NasbertConfig, space: Any) -> Any:
     return Constraint(space, cfg.approx.kind, predictor, seq_len=cfg.approx.seq_len)
 
 
-def run_pipeline(cfg: NasbertConfig) -> dict[str, Any]:
-    """All stages in ``cfg.out``; each skipped when done, refused when its config changed (checked first)."""
+def run_pipeline(cfg: NasbertConfig, until: str | None = None) -> dict[str, Any]:
+    """All stages in ``cfg.out`` (or those up to ``until``); each skipped when done, refused when its config
+    changed (checked first). With ``until``, returns the summaries of the stages run so far."""
     from raynas.orchestration import nasbert_stages as st
     from raynas.stages import StageRun
 
@@ -218,11 +219,29 @@ def run_pipeline(cfg: NasbertConfig) -> dict[str, Any]:
     stages = StageRun(run_dir(cfg), list(STAGES), log=say)
     stages.check(configs)
     say(f"run folder {run_dir(cfg)}")
-    init = stages.run("init", configs["init"], lambda: st.stage_init(cfg))
-    pairs = stages.run("pairs", configs["pairs"], lambda: st.stage_pairs(cfg))
-    blocks = stages.run("blocks", configs["blocks"], lambda: st.stage_blocks(cfg, init, pairs))
-    approx = stages.run("approximate", configs["approximate"], lambda: st.stage_approximate(cfg, blocks))
-    measured = stages.run("measure", configs["measure"], lambda: st.stage_measure(cfg, approx))
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until: unknown stage {until!r} (expected one of {', '.join(STAGES)})")
+    done: dict[str, Any] = {}
+
+    def stop(name: str) -> bool:
+        return until is not None and STAGES.index(name) >= STAGES.index(until)
+
+    init = done["init"] = stages.run("init", configs["init"], lambda: st.stage_init(cfg))
+    if stop("init"):
+        return done
+    pairs = done["pairs"] = stages.run("pairs", configs["pairs"], lambda: st.stage_pairs(cfg))
+    if stop("pairs"):
+        return done
+    blocks = done["blocks"] = stages.run("blocks", configs["blocks"], lambda: st.stage_blocks(cfg, init, pairs))
+    if stop("blocks"):
+        return done
+    approx = done["approximate"] = stages.run("approximate", configs["approximate"],
+                                              lambda: st.stage_approximate(cfg, blocks))
+    if stop("approximate"):
+        return done
+    measured = done["measure"] = stages.run("measure", configs["measure"], lambda: st.stage_measure(cfg, approx))
+    if stop("measure"):
+        return done
     report = stages.run("report", configs["report"], lambda: st.stage_report(cfg, blocks, approx, measured))
     return {"models": measured["models"], "teacher_ms": measured["teacher_ms"], "kendall_tau": approx["kendall_tau"],
             "run": str(run_dir(cfg)), **report}
