@@ -268,3 +268,29 @@ def test_the_real_minilm_teacher_cut_in_3_blocks_composes_to_itself():
             h = blocks.block(k, h, mask)
             assert (h - want.hidden_states[2 * (k + 1)]).abs().max() < 1e-5
     assert (h - want.last_hidden_state).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["nasbert-tiny", "nasbert-kd-minilm", "nasbert-paper"])
+def test_shipped_configs_load_and_split_into_blocks(name):
+    from raynas.blockwise.blocks import plan_blocks
+    from raynas.orchestration.nasbert import build_space, student_hidden
+
+    cfg = load_config(NasbertConfig, ROOT / "recipes" / "configs" / f"{name}.yaml")
+    space = build_space(cfg)
+    teacher_layers = 12 if name == "nasbert-paper" else 6  # bert-base / MiniLM
+    plan = plan_blocks(2 * teacher_layers, space.num_layers, cfg.blocks)
+    assert plan.ops_per_block * cfg.blocks == space.num_layers and student_hidden(cfg, space) in space.hidden
+
+
+@pytest.mark.gpu
+def test_a_block_trains_on_cuda_under_bf16_autocast():
+    from raynas.training.optim import Placement
+
+    cpu = _trainer(steps=10)
+    t = BlockTrainer(cpu.block, cpu.data, lr=1e-3, weight_decay=0.01, total_steps=10, warmup_ratio=0.1,
+                     batch_size=4, seed=0, index=1, placement=Placement.resolve("cuda", "auto"))
+    assert next(t.block.parameters()).device.type == "cuda"
+    before = t.score(POOL)
+    t.train_until(10, POOL)
+    after = t.score(POOL)
+    assert all(torch.isfinite(torch.tensor(v)) for v in after.values()) and after[POOL[0]] < before[POOL[0]]

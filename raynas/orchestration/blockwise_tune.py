@@ -72,6 +72,7 @@ class BlockTrainConfig:
     gpus_per_block: float = 0.0
     block_resources: dict[str, dict[str, float]] = field(default_factory=dict)  # "K" -> {"cpu": .., "gpu": ..}
     device: str = "auto"  # auto: cuda when Ray gave the block a GPU
+    precision: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu | fp32 | bf16 (cuda only)
     max_failures: int = 2  # Tune retries of a failed block stage, from the block's checkpoint
     seed: int = 0
 
@@ -87,6 +88,8 @@ class BlockTrainConfig:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             problems.append(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
         if problems:
             raise FieldErrors(problems)
 
@@ -95,10 +98,13 @@ class BlockTrainConfig:
         return {"cpu": float(over.get("cpu", self.cpus_per_block)), "gpu": float(over.get("gpu", self.gpus_per_block))}
 
 
-def total_steps(state: ShrinkState, cfg: ShrinkConfig) -> int:
-    """Training steps of the longest block schedule (its largest bin decides how many stages it takes)."""
-    largest = max((len(b) for blk in state.blocks.values() for b in blk.bins), default=0)
-    return stage_end_step(max(1, stages_to_finish(largest, cfg)) - 1, cfg)
+def total_steps(cfg: ShrinkConfig) -> int:
+    """Training steps of the longest possible block schedule: a full bin of ``candidates_per_bin`` paths.
+
+    A function of the config alone, so the learning-rate schedule of a block
+    resumed by a rerun is the one it started with.
+    """
+    return stage_end_step(max(1, stages_to_finish(cfg.candidates_per_bin, cfg)) - 1, cfg)
 
 
 def stage_end_step(stage: int, cfg: ShrinkConfig) -> int:
@@ -209,7 +215,7 @@ def _block_stage(config: dict[str, Any], shared: dict[str, Any]) -> None:
     tcfg = BlockTrainConfig(**shared["train"])
     device = trial_device(tcfg.device, ray.get_gpu_ids())
     torch.set_num_threads(max(1, int(tcfg.resources(k)["cpu"])))
-    placement = Placement.resolve(device)
+    placement = Placement.resolve(device, tcfg.precision)
     net = shared_supernet(shared["supernet"], "cpu")
     plan = shared["plan"]
     block = StudentBlock(net, plan, k, shared["hidden"], shared["teacher_dim"])
@@ -266,7 +272,7 @@ def run_shrinking(state: ShrinkState, shrink: ShrinkConfig, train: BlockTrainCon
     out.mkdir(parents=True, exist_ok=True)
     if state.finished:
         return state
-    steps = total_steps(state, shrink)
+    steps = total_steps(shrink)
     searcher = ShrinkingSearcher(state, shrink, params_of, out, say)
     shared = {"supernet": supernet, "plan": plan, "hidden": hidden, "teacher_dim": teacher_dim, "pairs": pairs,
               "train": asdict(train), "total_steps": steps, "out": str(out)}

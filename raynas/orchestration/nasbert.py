@@ -45,6 +45,7 @@ class PairsConfig:
     train_rows: int = 512
     val_rows: int = 64
     batch_size: int = 32
+    device: str = "auto"  # where the driver runs the teacher once: auto = cuda when this process sees one
 
 
 @dataclass

@@ -89,7 +89,9 @@ def stage_pairs(cfg: NasbertConfig) -> dict[str, Any]:
     if tokenizer is None:
         raise ConfigError(f"teacher {cfg.teacher!r}: no tokenizer saved with it (the pairs need one)")
     corpus = build_corpus(cfg.pairs.corpus, tokenizer, cache_dir=run_dir(cfg) / "corpus")
-    blocks = TeacherBlocks(teacher, cfg.blocks)
+    from raynas.training.optim import resolve_device
+
+    blocks = TeacherBlocks(teacher, cfg.blocks).to(resolve_device(cfg.pairs.device, "pairs.device"))
     out, summary = run_dir(cfg) / PAIRS_DIR, {}
     for split, n in (("train", cfg.pairs.train_rows), ("validation", cfg.pairs.val_rows)):
         rows = corpus[split] if split in corpus else None
