@@ -67,7 +67,7 @@ class BlockTrainConfig:
     batch_size: int = 16
     score_batch_size: int = 32
     checkpoint_every: int = 20
-    log_every: int = 0  # 0: one line per stage
+    log_every: int = 50  # a progress line per block every N steps (0: one line per stage, from the driver)
     cpus_per_block: float = 1.0
     gpus_per_block: float = 0.0
     block_resources: dict[str, dict[str, float]] = field(default_factory=dict)  # "K" -> {"cpu": .., "gpu": ..}
@@ -241,7 +241,15 @@ def _block_stage(config: dict[str, Any], shared: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     train_loss = math.nan
     if trainer.step < until:
-        train_loss = trainer.train_until(until, pool, every=tcfg.checkpoint_every, on_checkpoint=fault_then_save)
+        t_start, s_start = time.perf_counter(), trainer.step
+
+        def log(step: int, loss: float) -> None:
+            rate = (time.perf_counter() - t_start) / max(1, step - s_start)
+            print(f"block {k} stage {stage}: step {step}/{until} loss {loss:.4f} ({rate:.2f} s/step, "
+                  f"stage ETA {clock(rate * (until - step))})", flush=True)
+
+        train_loss = trainer.train_until(until, pool, every=tcfg.checkpoint_every, on_checkpoint=fault_then_save,
+                                         on_log=log, log_every=tcfg.log_every)
         save(trainer)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
