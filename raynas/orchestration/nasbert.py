@@ -172,7 +172,7 @@ def stage_configs(cfg: NasbertConfig) -> dict[str, dict[str, Any]]:
     """What each stage's output depends on (a rerun refuses a stage whose entry changed)."""
     a = dataclasses.asdict
     init = {"teacher": cfg.teacher, "space": cfg.space, "hidden": cfg.hidden, "blocks": cfg.blocks}
-    pairs = {**init, "pairs": a(cfg.pairs)}
+    pairs = {**init, "pairs": {k: v for k, v in a(cfg.pairs).items() if k != "device"}}  # where, not what
     blocks = {**pairs, "shrink": a(cfg.shrink), "train": {k: v for k, v in a(cfg.train).items()
                                                           if k not in ("max_failures", "log_every")}}
     approx = {**blocks, "approx": a(cfg.approx), "short": cfg.short}
