@@ -218,7 +218,7 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
         with atomic_file(done) as tmp:
             Path(tmp).write_text(json.dumps(metrics))
         real[arch] = metrics
-    rows, family, agreement = [], {}, {}
+    rows, family, agreement, before = [], {}, {}, {}
     for b in budgets:
         cands = top.get(b.label, [])
         for rank, c in enumerate(cands):
@@ -232,13 +232,18 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
                                "cost": best.cost, "budget_value": b.value, "unit": b.unit}
             agreement[b.label] = _tau([c.summed_loss for c in cands], [real[c.arch]["val_loss_after"] for c in cands],
                                       rank_agreement)
+            before[b.label] = _tau([c.summed_loss for c in cands],
+                                   [real[c.arch]["val_loss_before"] for c in cands], rank_agreement)
         else:
             say(f"approximate: no assembled model fits budget {b.label} (the smallest has {span[0]:,.0f} "
                 f"{constraint.unit}; more shrink.bins keep smaller paths)")
     pooled = {c.arch: c.summed_loss for cands in top.values() for c in cands}
     agreement["all"] = _tau(list(pooled.values()), [real[a]["val_loss_after"] for a in pooled], rank_agreement)
+    before["all"] = _tau(list(pooled.values()), [real[a]["val_loss_before"] for a in pooled], rank_agreement)
     _write_candidates(rows, run_dir(cfg) / "candidates.parquet")
-    return {"family": family, "kendall_tau": agreement, "candidates": rows}
+    # kendall_tau: vs the loss after the short distillation (what picks the winner); kendall_tau_before: vs the
+    # assembled model's own loss before it (how well summed block losses approximate a whole model)
+    return {"family": family, "kendall_tau": agreement, "kendall_tau_before": before, "candidates": rows}
 
 
 def _span(space: Any, hidden: int, survivors: list[list[tuple[tuple[str, ...], float]]],
@@ -363,9 +368,11 @@ def stage_report(cfg: NasbertConfig, blocks: dict[str, Any], approx: dict[str, A
                      f"{'yes' if r['within_budget'] else 'NO'} | {c.get('summed_block_loss', math.nan):.4f} | "
                      f"{c.get('val_loss_after') or math.nan:.4f} | {r['latency_ms']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['model_type']} |")
-    lines += ["", "## Ranking: summed block loss vs validation loss after the short distillation (Kendall tau)", "",
-              "| budget | tau |", "|---|---|"]
-    lines += [f"| {k} | {'-' if v is None else f'{v:.2f}'} |" for k, v in approx["kendall_tau"].items()]
+    lines += ["", "## Ranking agreement (Kendall tau) of the summed block loss with the whole model's validation loss",
+              "", "| budget | before the short distillation | after it |", "|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    before = approx.get("kendall_tau_before", {})
+    lines += [f"| {k} | {fmt(before.get(k))} | {fmt(v)} |" for k, v in approx["kendall_tau"].items()]
     lines += ["", "## Survivors per block, stage and bin (scored -> kept)", "", "| block | stage | bins |", "|---|---|---|"]
     for (k, s) in sorted({(c["block"], c["stage"]) for c in counts}):
         cells = ", ".join(f"{c['scored']}->{c['kept']}" for c in counts if c["block"] == k and c["stage"] == s)
