@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,8 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
     for i, arch in enumerate(archs, 1):
         folder = short_dir / folder_name(arch)
         done = folder / "metrics.json"
-        if done.is_file():
-            real[arch] = json.loads(done.read_text())
+        if done.is_file():  # the model path is re-derived: a run folder may be moved or copied
+            real[arch] = {**json.loads(done.read_text()), "model": str(folder / "model")}
             continue
         say(f"approximate: short distillation {i}/{len(archs)}: {arch}")
         got = run_training(short_train_config(cfg, str(cand_dir / folder_name(arch)), folder))
@@ -217,6 +218,8 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
                    "model": str(folder / "model")}
         with atomic_file(done) as tmp:
             Path(tmp).write_text(json.dumps(metrics))
+        for spent in ("checkpoints", "ray_results"):  # the model and its metrics are kept; resuming needs no more
+            shutil.rmtree(folder / spent, ignore_errors=True)
         real[arch] = metrics
     rows, family, agreement, before = [], {}, {}, {}
     for b in budgets:
