@@ -158,6 +158,9 @@ def test_blocks_shrink_concurrently_on_tune_and_a_killed_block_resumes_alone(tmp
     out = Path(cfg.out) / "blocks"
     assert (out / "fault-1-10").is_file()  # block 1's process really died once
     rows = pd.read_parquet(blocks["stages"])
+    starts = rows.groupby(["block", "stage"]).start_step.first().to_dict()
+    assert starts[(1, 1)] == 10  # block 1 resumed from its own checkpoint, mid-stage
+    assert starts[(0, 0)] == 0 and starts[(0, 1)] == 8  # block 0 ran each stage once, from its start
     assert len(rows.drop_duplicates(["block", "stage", "path"])) == len(rows)  # nothing recorded twice
     for k in (0, 1):
         sizes = {}

@@ -54,7 +54,8 @@ Say = Callable[[str], None]
 STATE_FILE, STAGES_FILE, CHECKPOINT = "shrink_state.json", "stages.parquet", "checkpoint.pt"
 FAULT_ENV = "RAYNAS_FAULT_BLOCK"  # "K:STEP": block K's first attempt exits its process at STEP (fault tests)
 #: the shrinking's rows plus what the trial that scored them reports
-ROWS_SCHEMA = pa.schema([*STAGES_SCHEMA, ("trial_id", pa.string()), ("train_loss", pa.float64()), ("step", pa.int64())])
+ROWS_SCHEMA = pa.schema([*STAGES_SCHEMA, ("trial_id", pa.string()), ("train_loss", pa.float64()), ("step", pa.int64()),
+                         ("start_step", pa.int64())])  # where the scoring attempt's training began (a resume: mid-stage)
 
 
 @dataclass
@@ -155,7 +156,8 @@ class ShrinkingSearcher(Searcher):
         started, finished = (datetime.fromtimestamp(result[t], tz=timezone.utc) for t in ("started_at", "finished_at"))
         for r in rows:
             r.update(started_at=started, finished_at=finished, trial_id=trial_id,
-                     train_loss=result.get("train_loss"), step=int(result["step"]))
+                     train_loss=result.get("train_loss"), step=int(result["step"]),
+                     start_step=int(result.get("start_step", -1)))
         append_stage_rows(self.out / STAGES_FILE, rows)  # rows first: a rerun re-scores, it never loses a stage
         self.state.save(self.out / STATE_FILE)
         sizes = [len(x) for x in b.bins]
@@ -238,6 +240,7 @@ def _block_stage(config: dict[str, Any], shared: dict[str, Any]) -> None:
         _maybe_fault(k, t.step, Path(shared["out"]))
 
     pool = [tuple(p) for p in config["pool"]]
+    start_step = trainer.step
     t0 = time.perf_counter()
     train_loss = math.nan
     if trainer.step < until:
@@ -257,7 +260,8 @@ def _block_stage(config: dict[str, Any], shared: dict[str, Any]) -> None:
     score_s = time.perf_counter() - t1
     tune.report({"block": k, "stage": stage, "step": trainer.step, "best_loss": min(scores.values()),
                  "scores": json.dumps({",".join(p): v for p, v in scores.items()}), "train_loss": train_loss,
-                 "train_s": train_s, "score_s": score_s, "started_at": started, "finished_at": time.time()})
+                 "start_step": start_step, "train_s": train_s, "score_s": score_s, "started_at": started,
+                 "finished_at": time.time()})
 
 
 # ---------------------------------------------------------------- the driver
