@@ -1,6 +1,6 @@
 """raynas nasbert: NAS-BERT block-wise search: teacher pairs -> K blocks shrunk on Ray Tune -> a family by budget.
 
-    raynas nasbert                                                    # offline demo (MiniLM teacher, ~10 min on 2 CPUs)
+    raynas nasbert                                                    # offline demo (MiniLM teacher, ~11 min on 2 CPUs)
     raynas nasbert --config recipes/configs/nasbert-tiny.yaml out=runs/mine "approx.budgets=[15M,18M]"
     raynas nasbert --config recipes/configs/nasbert-paper.yaml       # BERT-base teacher, 4 x 6 op-layers, GPU cluster
     ray job submit --working-dir . -- raynas nasbert --config recipes/configs/nasbert-tiny.yaml out=/abs/run
