@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="stop after this stage (a later run with the same OUT goes on from there)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. out=runs/x shrink.steps_per_stage=20 approx.top_t=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after --until
 
 
 def main(argv: Sequence[str]) -> int:

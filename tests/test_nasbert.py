@@ -297,3 +297,10 @@ def test_a_block_trains_on_cuda_under_bf16_autocast():
     t.train_until(10, POOL)
     after = t.score(POOL)
     assert all(torch.isfinite(torch.tensor(v)) for v in after.values()) and after[POOL[0]] < before[POOL[0]]
+
+
+def test_overrides_may_come_before_and_after_until():
+    from recipes.nasbert import parse_args
+
+    args = parse_args(["out=/tmp/x", "--until", "blocks", "shrink.warmup_steps=8", "approx.top_t=1"])
+    assert args.until == "blocks" and args.overrides == ["out=/tmp/x", "shrink.warmup_steps=8", "approx.top_t=1"]
