@@ -9,6 +9,7 @@ so a user fixes a config in one pass instead of one error per run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -181,3 +182,12 @@ def load_section(cls: type[T], raw: dict[str, Any], prefix: str) -> T:
         lines = [ln.strip()[2:] if ln.strip().startswith("- ") else ln.strip() for ln in str(exc).splitlines()
                  if ln.strip()]
         raise ConfigError("; ".join(f"{prefix}.{ln}" for ln in lines)) from None
+
+
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a deep copy of ``base``, nested mappings key by key; neither input is changed."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out

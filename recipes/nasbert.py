@@ -43,10 +43,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str]) -> int:
-    from raynas.orchestration.nasbert import load_nasbert_config, run_pipeline
+    from raynas.config_loading import load_config
+    from raynas.orchestration.nasbert import NasbertConfig, run_pipeline
 
     args = parse_args(argv)
-    cfg = load_nasbert_config(args.config, args.overrides)
+    cfg = load_config(NasbertConfig, args.config, args.overrides)
     result = run_pipeline(cfg, args.until)
     if args.until:
         print(f"stopped after stage {args.until!r}: {Path(cfg.out).expanduser().resolve()} (rerun without --until "

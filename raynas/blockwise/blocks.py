@@ -28,7 +28,7 @@ from torch import nn
 from raynas.errors import ConfigError
 from raynas.models.modeling_raynas import RaynasForMaskedLM, RaynasModel, additive_mask
 from raynas.spaces.layerwise import LayerwiseSpace
-from raynas.spaces.ops import OpSpec
+from raynas.spaces.ops import OpSpec, encoder_params
 from raynas.supernet.supernet import Supernet
 
 Tensor = torch.Tensor
@@ -234,7 +234,7 @@ class StudentBlock(nn.Module):
 
     def path_params(self, path: Sequence[str]) -> int:
         """Encoder params of ``path`` at this block's hidden size (projections not counted: they are not exported)."""
-        return sum(spec.params(self.hidden) for spec in self.specs(path))
+        return encoder_params(self.hidden, self.specs(path))
 
     def layer_state(self) -> dict[str, Tensor]:
         """CPU copies of the op-layer weights, keyed as in ``supernet.state_dict()`` (``layers.{global_i}....``)."""

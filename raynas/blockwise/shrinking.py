@@ -33,6 +33,7 @@ from raynas.atomic_io import atomic_file
 from raynas.config_loading import FieldErrors
 from raynas.errors import ConfigError
 from raynas.spaces.layerwise import LayerwiseSpace
+from raynas.spaces.ops import encoder_params
 
 OpPath = tuple[str, ...]
 STATE_VERSION = 1
@@ -161,7 +162,7 @@ class _IntervalSampler:
 
 def path_params(space: LayerwiseSpace, hidden: int, path: Sequence[str]) -> int:
     """Encoder op-layer params of ``path`` at width ``hidden`` (what a block's bins are cut by)."""
-    return sum(space.op_of(t).params(hidden) for t in path)
+    return encoder_params(hidden, [space.op_of(t) for t in path])
 
 
 def initial_pool(space: LayerwiseSpace, hidden: int, ops_per_block: int, cfg: ShrinkConfig, seed: int,

@@ -18,14 +18,13 @@ report says so; it is never reported as meeting it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raynas.config_loading import FieldErrors, load_section
+from raynas.config_loading import FieldErrors, load_section, merge_dicts
 from raynas.errors import ConfigError
 from raynas.search.config import SearchConfig
 from raynas.search.latency_data import LatencyConfig
@@ -69,13 +68,6 @@ class PipelineConfig:
             raise FieldErrors(problems)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def run_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.out).expanduser().resolve()
 
@@ -96,7 +88,7 @@ def supernet_train_config(cfg: PipelineConfig) -> TrainConfig:
 def further_train_config(cfg: PipelineConfig, model_dir: str, out: Path) -> TrainConfig:
     """Further training of one extracted model: the supernet's data and objective, ``further`` over them."""
     base = {k: v for k, v in cfg.supernet.items() if k not in ("space", "space_overrides", "init_from", "sampler")}
-    raw = _merge(base, cfg.further)
+    raw = merge_dicts(base, cfg.further)
     raw.pop("steps", None) if raw.get("steps") == 0 else None
     raw.update(out=str(out), model=model_dir, name="further")
     if cfg.init.teacher:

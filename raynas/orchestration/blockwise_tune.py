@@ -148,8 +148,6 @@ class ShrinkingSearcher(Searcher):
             self.say(f"blocks: block {k} failed after its retries; the other blocks go on (a rerun resumes it)")
             return
         b = self.state.blocks[k]
-        if result["stage"] != b.stage:  # a stale report (cannot happen with one trial per block in flight)
-            return
         scores = {tuple(p.split(",")): float(v) for p, v in json.loads(result["scores"]).items()}
         sizes_before = [len(x) for x in b.bins]
         rows = b.apply(scores, self.params_of, self.cfg)
@@ -277,7 +275,6 @@ def run_shrinking(state: ShrinkState, shrink: ShrinkConfig, train: BlockTrainCon
     numpy arrays, put once by the caller; ``supernet`` the ref of the seeded
     supernet (:func:`raynas.orchestration.shared_supernet.put_supernet`).
     """
-    import ray
     from ray import tune
 
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -294,8 +291,6 @@ def run_shrinking(state: ShrinkState, shrink: ShrinkConfig, train: BlockTrainCon
     todo = sum(not b.finished for b in state.blocks.values())
     say(f"blocks: {todo} block(s) to shrink concurrently, up to {steps} training steps each, "
         f"bins of at most {shrink.max_per_bin} at the end")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     t0 = time.perf_counter()
     tuner = tune.Tuner(
         trainable,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from raynas.config_loading import merge_dicts as merge  # the one deep merge (DeepSpeed config over ours)
 from raynas.training.config import TrainConfig
 from raynas.training.optim import Placement, adamw, lr_lambda
 from raynas.training.student import TrainStudent
@@ -37,11 +38,6 @@ def deepspeed_config(zero_stage: int, precision: str, micro: int, accum: int, wo
     return merge(base, extra)
 
 
-def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class Engine:

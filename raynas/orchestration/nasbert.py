@@ -22,14 +22,13 @@ when its config changed; see :class:`raynas.stages.StageRun`):
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raynas.blockwise.shrinking import ShrinkConfig
-from raynas.config_loading import FieldErrors, load_config, load_section
+from raynas.config_loading import FieldErrors, load_section, merge_dicts
 from raynas.data.corpus import CorpusConfig
 from raynas.errors import ConfigError
 from raynas.orchestration.blockwise_tune import BlockTrainConfig
@@ -114,10 +113,6 @@ def run_dir(cfg: NasbertConfig) -> Path:
     return Path(cfg.out).expanduser().resolve()
 
 
-def load_nasbert_config(path: str | os.PathLike | None, overrides: list[str]) -> NasbertConfig:
-    return load_config(NasbertConfig, path, overrides)
-
-
 # ---------------------------------------------------------------- pieces every stage needs
 
 
@@ -148,10 +143,12 @@ def teacher_shape(cfg: NasbertConfig) -> Any:
         raise ConfigError(f"teacher {cfg.teacher!r}: cannot read its config ({str(exc).splitlines()[0]})") from None
 
 
-def block_plan(cfg: NasbertConfig, space: Any) -> Any:
+def block_plan(cfg: NasbertConfig, space: Any, shape: Any = None) -> Any:
+    """The K-block split of teacher and supernet; ``shape``: the teacher's config when the caller has read it."""
     from raynas.blockwise.blocks import plan_blocks
 
-    return plan_blocks(2 * teacher_shape(cfg).num_hidden_layers, space.num_layers, cfg.blocks)
+    shape = shape if shape is not None else teacher_shape(cfg)
+    return plan_blocks(2 * shape.num_hidden_layers, space.num_layers, cfg.blocks)
 
 
 def short_train_config(cfg: NasbertConfig, model_dir: str, out: Path) -> Any:
@@ -162,8 +159,7 @@ def short_train_config(cfg: NasbertConfig, model_dir: str, out: Path) -> Any:
                                          "attention_weight": 0.0},
                            "corpus": dataclasses.asdict(cfg.pairs.corpus), "steps": 30, "num_workers": 1,
                            "checkpoint_every": 10**6, "eval_every": 10**6, "log_every": 10}
-    for key, value in cfg.short.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    raw = merge_dicts(raw, cfg.short)
     raw.update(out=str(out), model=model_dir, tokenizer=cfg.teacher, name="short")
     return load_section(TrainConfig, raw, "short")
 
@@ -186,7 +182,7 @@ def preflight(cfg: NasbertConfig) -> dict[str, dict[str, Any]]:
     space = build_space(cfg)
     hidden = student_hidden(cfg, space)
     shape = teacher_shape(cfg)
-    block_plan(cfg, space)
+    block_plan(cfg, space, shape)
     if space.embeddings.vocab_size != shape.vocab_size:
         raise ConfigError(f"space.embeddings.vocab_size: {space.embeddings.vocab_size} differs from the teacher's "
                           f"vocabulary ({shape.vocab_size}); the student reads the teacher's tokens")

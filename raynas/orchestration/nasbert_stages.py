@@ -54,7 +54,7 @@ def stage_init(cfg: NasbertConfig) -> dict[str, Any]:
     net = Supernet.from_space(space, hidden_dropout_prob=c.hidden_dropout_prob,
                               attention_probs_dropout_prob=c.attention_probs_dropout_prob,
                               layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id)
-    tokens = tuple(_token(op) for op in c.ops)
+    tokens = tuple(space.token_of(op) for op in c.ops)
     seeded = hidden == c.hidden_size and len(tokens) == space.num_layers and all(t in space.tokens for t in tokens)
     if seeded:
         net.inject(model, LayerwiseArch(hidden, tokens))
@@ -64,17 +64,6 @@ def stage_init(cfg: NasbertConfig) -> dict[str, Any]:
         say("init: the space cannot hold the teacher at this width; op-layers start from random weights")
     path = save_supernet(net, run_dir(cfg) / "init", tokenizer)
     return {"supernet": str(path), "seeded": seeded, "params": sum(p.numel() for p in net.parameters())}
-
-
-def _token(op: Any) -> str:
-    """The layer-wise space's token for one op of an exported model (``MHA(12, 32)`` -> ``mha384``)."""
-    if op.op == "mha":
-        return f"mha{op.heads * op.head_dim}"
-    if op.op == "ffn":
-        return f"ffn{op.inner}"
-    if op.op == "conv":
-        return f"conv{op.kernel}_{op.inner}"
-    return "id"
 
 
 # ---------------------------------------------------------------- 2. pairs
@@ -121,7 +110,7 @@ def stage_blocks(cfg: NasbertConfig, init: dict[str, Any], pairs: dict[str, Any]
 
     from raynas.blockwise.blocks import StudentBlock, gather_blocks
     from raynas.blockwise.pairs import TeacherPairs
-    from raynas.blockwise.shrinking import ShrinkState
+    from raynas.blockwise.shrinking import ShrinkState, path_params
     from raynas.orchestration.blockwise_tune import CHECKPOINT, STATE_FILE, run_shrinking
     from raynas.orchestration.shared_supernet import put_supernet
     from raynas.supernet import load_supernet, load_supernet_tokenizer, save_supernet
@@ -143,7 +132,7 @@ def stage_blocks(cfg: NasbertConfig, init: dict[str, Any], pairs: dict[str, Any]
             f"{[[len(b) for b in blk.bins] for _, blk in sorted(state.blocks.items())]}")
 
     def params_of(path: tuple[str, ...]) -> int:
-        return sum(space.op_of(t).params(hidden) for t in path)
+        return path_params(space, hidden, path)
 
     if not state.finished:
         if not ray.is_initialized():
@@ -185,7 +174,7 @@ def final_block_losses(stages_path: str, blocks: int) -> list[list[tuple[tuple[s
 def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, Any]:
     """Rank assembled models by summed block loss per budget; short-train the top T; pick the best per budget."""
     from raynas.atomic_io import atomic_file
-    from raynas.blockwise.approximation import assemble, rank_agreement
+    from raynas.blockwise.approximation import assemble
     from raynas.orchestration.supernet_training import first_metric, run_training
     from raynas.supernet import load_supernet, load_supernet_tokenizer
     from recipes.extract import extract_family, folder_name
@@ -233,16 +222,15 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
             best = min(cands, key=lambda c: real[c.arch]["val_loss_after"])
             family[b.label] = {"arch": best.arch, "model": real[best.arch]["model"], "params": best.params,
                                "cost": best.cost, "budget_value": b.value, "unit": b.unit}
-            agreement[b.label] = _tau([c.summed_loss for c in cands], [real[c.arch]["val_loss_after"] for c in cands],
-                                      rank_agreement)
-            before[b.label] = _tau([c.summed_loss for c in cands],
-                                   [real[c.arch]["val_loss_before"] for c in cands], rank_agreement)
+            approx_losses = [c.summed_loss for c in cands]
+            agreement[b.label] = _tau(approx_losses, [real[c.arch]["val_loss_after"] for c in cands])
+            before[b.label] = _tau(approx_losses, [real[c.arch]["val_loss_before"] for c in cands])
         else:
             say(f"approximate: no assembled model fits budget {b.label} (the smallest has {span[0]:,.0f} "
                 f"{constraint.unit}; more shrink.bins keep smaller paths)")
     pooled = {c.arch: c.summed_loss for cands in top.values() for c in cands}
-    agreement["all"] = _tau(list(pooled.values()), [real[a]["val_loss_after"] for a in pooled], rank_agreement)
-    before["all"] = _tau(list(pooled.values()), [real[a]["val_loss_before"] for a in pooled], rank_agreement)
+    agreement["all"] = _tau(list(pooled.values()), [real[a]["val_loss_after"] for a in pooled])
+    before["all"] = _tau(list(pooled.values()), [real[a]["val_loss_before"] for a in pooled])
     _write_candidates(rows, run_dir(cfg) / "candidates.parquet")
     # kendall_tau: vs the loss after the short distillation (what picks the winner); kendall_tau_before: vs the
     # assembled model's own loss before it (how well summed block losses approximate a whole model)
@@ -252,17 +240,21 @@ def stage_approximate(cfg: NasbertConfig, blocks: dict[str, Any]) -> dict[str, A
 def _span(space: Any, hidden: int, survivors: list[list[tuple[tuple[str, ...], float]]],
           constraint: Any) -> tuple[float, float]:
     """Cost of the model made of each block's smallest survivor, and of its largest (by params)."""
+    from raynas.blockwise.shrinking import path_params
     from raynas.spaces.layerwise import LayerwiseArch
 
     def pick(fn: Any) -> LayerwiseArch:
-        paths = [fn((p for p, _ in s), key=lambda p: sum(space.op_of(t).params(hidden) for t in p)) for s in survivors]
+        paths = [fn((p for p, _ in s), key=lambda p: path_params(space, hidden, p)) for s in survivors]
         return LayerwiseArch(hidden, tuple(t for p in paths for t in p))
 
     return constraint.cost(pick(min)), constraint.cost(pick(max))
 
 
-def _tau(a: list[float], b: list[float], fn: Any) -> float | None:
-    return float(fn(a, b)) if len(a) >= 2 else None
+def _tau(approx: list[float], real: list[float]) -> float | None:
+    """Kendall tau of the two rankings; None with fewer than two candidates."""
+    from raynas.blockwise.approximation import rank_agreement
+
+    return float(rank_agreement(approx, real)) if len(approx) >= 2 else None
 
 
 def _write_candidates(rows: list[dict[str, Any]], path: Path) -> None:
@@ -293,12 +285,16 @@ def stage_measure(cfg: NasbertConfig, approx: dict[str, Any]) -> dict[str, Any]:
     family = approx["family"]
     paths = sorted({f["model"] for f in family.values()})
     loaded = {}
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the saved MLM head is "unexpected" for AutoModel: expected, not news
-    for p in paths:
-        model = AutoModel.from_pretrained(p).eval()
-        with torch.no_grad():
-            out = model(input_ids=torch.ones(1, 8, dtype=torch.long))
-        loaded[p] = {"model_type": model.config.model_type, "output_shape": list(out.last_hidden_state.shape)}
+    try:
+        for p in paths:
+            model = AutoModel.from_pretrained(p).eval()
+            with torch.no_grad():
+                out = model(input_ids=torch.ones(1, 8, dtype=torch.long))
+            loaded[p] = {"model_type": model.config.model_type, "output_shape": list(out.last_hidden_state.shape)}
+    finally:
+        hf_logging.set_verbosity(verbosity)
     m = cfg.measure
     ref = resolve_teacher(cfg.teacher)
     say(f"measure: {len(paths)} model(s) against the teacher, batch {m.batch_size} x {m.seq_len}, "

@@ -188,6 +188,17 @@ class LayerwiseSpace(Space[LayerwiseArch]):
             return SepConv(int(kernel), int(inner))
         return Identity()
 
+    @staticmethod
+    def token_of(op: OpSpec) -> str:
+        """The arch-string token of ``op``, the inverse of :meth:`op_of` (``MHA(12, 32)`` -> ``mha384``)."""
+        if isinstance(op, MHA):
+            return f"mha{op.inner}"
+        if isinstance(op, FFN):
+            return f"ffn{op.inner}"
+        if isinstance(op, SepConv):
+            return f"conv{op.kernel}_{op.inner}"
+        return "id"
+
     def encode(self, arch: LayerwiseArch | str) -> list[float]:
         a = self.validate(arch)
         out = [a.hidden / self.hidden.max]
