@@ -325,3 +325,32 @@ def squad_dataset(articles: list[Mapping[str, Any]]) -> datasets.Dataset:
                 rows["answers"].append({"text": [a["text"] for a in qa["answers"]],
                                         "answer_start": [a["answer_start"] for a in qa["answers"]]})
     return _dataset(TASKS["squad"], rows)
+
+
+def split_squad_by_article(source: str | os.PathLike, out_dir: str | os.PathLike, version: str = "1.1",
+                           eval_every: int = 2) -> tuple[Path, Path]:
+    """Split one SQuAD file into disjoint ``train-v{version}.json`` and ``dev-v{version}.json`` by article.
+
+    Why: the official train file is not always at hand (not on this project's CI
+    machines); a proxy task needs training and evaluation questions that share no
+    paragraph, which splitting by article guarantees. Every ``eval_every``-th article
+    (1st, 3rd, ... for 2) goes to ``dev``, the rest to ``train``, so both halves span
+    the file's topics. The two files are written atomically into ``out_dir``.
+    """
+    from raynas.atomic_io import atomic_file
+
+    articles_in = load_squad_articles(source)
+    if eval_every < 2:
+        raise ConfigError(f"eval_every: expected at least 2, got {eval_every!r}")
+    if len(articles_in) < 2:
+        raise ConfigError(f"{source}: {len(articles_in)} article(s); a split by article needs at least 2")
+    dev = [a for i, a in enumerate(articles_in) if i % eval_every == 0]
+    train = [a for i, a in enumerate(articles_in) if i % eval_every != 0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, articles in ((f"train-v{version}.json", train), (f"dev-v{version}.json", dev)):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(json.dumps({"version": version, "data": articles}), encoding="utf-8")
+        paths.append(out / name)
+    return paths[0], paths[1]
