@@ -6,6 +6,11 @@ transformers alone. Anything else is saved as model type ``raynas``, which loads
 with ``AutoModel.from_pretrained`` once ``import raynas`` has registered it.
 Folders are written under a temporary name and renamed, so a crash never leaves
 a half-written model where a finished one is expected.
+
+Task models convert too (sequence classification, question answering): their
+heads are plain ``nn.Linear`` layers named as in BERT, so one key map and one
+config mapping (:data:`_HEAD_KEYS`, :func:`_task_fields`) serve every class, and
+:data:`_CLASSES` pairs each raynas class with its BERT twin.
 """
 
 from __future__ import annotations
@@ -16,26 +21,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
 
 from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError
 from raynas.models.configuration_raynas import RaynasConfig
-from raynas.models.modeling_raynas import RaynasForMaskedLM
+from raynas.models.modeling_raynas import (
+    RaynasForMaskedLM,
+    RaynasForQuestionAnswering,
+    RaynasForSequenceClassification,
+)
 from raynas.spaces.ops import FFN, MHA
 
 _MHA_KEYS = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
              "dense": "attention.output.dense", "LayerNorm": "attention.output.LayerNorm"}
 _FFN_KEYS = {"intermediate": "intermediate.dense", "output": "output.dense", "LayerNorm": "output.LayerNorm"}
+# every head's names (a model has only its own; the rest never match): MLM, sequence classification, QA
 _HEAD_KEYS = {"cls.dense": "cls.predictions.transform.dense", "cls.LayerNorm": "cls.predictions.transform.LayerNorm",
-              "cls.decoder": "cls.predictions.decoder", "cls.bias": "cls.predictions.bias"}
+              "cls.decoder": "cls.predictions.decoder", "cls.bias": "cls.predictions.bias",
+              "classifier": "classifier", "qa_outputs": "qa_outputs"}
+
+TaskModel = RaynasForMaskedLM | RaynasForSequenceClassification | RaynasForQuestionAnswering
+# (raynas class, bert class); from_bert takes the first bert class the model is an instance of, and any
+# other bert model (a bare BertModel) as masked LM with a fresh head, as before task heads were supported
+_CLASSES: tuple[tuple[type[TaskModel], type], ...] = (
+    (RaynasForSequenceClassification, BertForSequenceClassification),
+    (RaynasForQuestionAnswering, BertForQuestionAnswering),
+    (RaynasForMaskedLM, BertForMaskedLM),
+)
 
 
 @dataclass(frozen=True)
 class Exported:
+    """Where the model went, ``"bert"`` or ``"raynas"`` (which loader it needs), and its parameter count."""
+
     path: Path
     model_type: str
     params: int
+
+
+def _task_fields(config: Any) -> dict[str, Any]:
+    """The head settings a config carries across formats: label count and names, loss kind, head dropout.
+
+    Without them a converted classifier would reload with two ``LABEL_i`` labels
+    (wrong head shape) or another loss; the names are the same in both configs.
+    """
+    return {"id2label": dict(config.id2label), "label2id": dict(config.label2id),
+            "problem_type": config.problem_type, "classifier_dropout": getattr(config, "classifier_dropout", None)}
 
 
 def bert_config_for(config: RaynasConfig) -> BertConfig | None:
@@ -54,7 +86,7 @@ def bert_config_for(config: RaynasConfig) -> BertConfig | None:
         hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=config.attention_probs_dropout_prob,
         max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
         initializer_range=config.initializer_range, layer_norm_eps=config.layer_norm_eps,
-        pad_token_id=config.pad_token_id, classifier_dropout=config.classifier_dropout,
+        pad_token_id=config.pad_token_id, **_task_fields(config),
     )
 
 
@@ -87,19 +119,30 @@ def raynas_config_from_bert(config: BertConfig) -> RaynasConfig:
         max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
         hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=config.attention_probs_dropout_prob,
         layer_norm_eps=config.layer_norm_eps, initializer_range=config.initializer_range, pad_token_id=config.pad_token_id,
+        **_task_fields(config),
     )
 
 
-def from_bert(model: Any) -> RaynasForMaskedLM:
-    """A ``BertModel`` / ``BertForMaskedLM`` as the equivalent ``RaynasForMaskedLM`` (with pooler if it had one)."""
+def from_bert(model: Any) -> TaskModel:
+    """The equivalent raynas model, computing the same outputs.
+
+    ``BertForSequenceClassification`` / ``BertForQuestionAnswering`` become their
+    raynas twins (head and labels included); ``BertModel`` / ``BertForMaskedLM``
+    become ``RaynasForMaskedLM`` (with pooler if it had one; a bare encoder gets
+    a fresh MLM head).
+    """
     if getattr(model.config, "model_type", None) != "bert":
         raise ConfigError(f"teacher: model type {getattr(model.config, 'model_type', None)!r} is not 'bert'")
     config = raynas_config_from_bert(model.config)
-    state = {(k if k.startswith(("bert.", "cls.")) else f"bert.{k}"): v for k, v in model.state_dict().items()}
+    bare = model.base_model is model  # a BertModel: its keys lack the "bert." prefix
+    state = {(f"bert.{k}" if bare else k): v for k, v in model.state_dict().items()}
     state.pop("cls.predictions.decoder.bias", None)
     reverse = {theirs: ours for ours, theirs in bert_key_map(config).items()}
-    has_pooler = any(k.startswith("bert.pooler.") for k in state)
-    ours = RaynasForMaskedLM(config, add_pooling_layer=has_pooler)
+    cls = next((ours for ours, theirs in _CLASSES if isinstance(model, theirs)), RaynasForMaskedLM)
+    if cls is RaynasForMaskedLM:
+        ours = RaynasForMaskedLM(config, add_pooling_layer=any(k.startswith("bert.pooler.") for k in state))
+    else:
+        ours = cls(config)
     renamed = _rename(state, reverse)
     missing, unexpected = ours.load_state_dict(renamed, strict=False)
     missing = [k for k in missing if not k.startswith("cls.")]  # an encoder-only teacher keeps a fresh MLM head
@@ -123,14 +166,24 @@ def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str]) -> dict[str
     return out
 
 
-def to_bert(model: RaynasForMaskedLM) -> tuple[BertForMaskedLM, dict[str, torch.Tensor]] | None:
-    """The same model as ``BertForMaskedLM`` plus its full state dict (pooler included)."""
+def to_bert(model: TaskModel) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """The same model as its BERT class plus its full state dict, or None when no ``BertConfig`` expresses it.
+
+    ``RaynasForMaskedLM`` -> ``BertForMaskedLM`` (the state keeps the pooler, which
+    ``BertForMaskedLM`` lacks, so that ``AutoModel`` finds it in the export);
+    ``RaynasForSequenceClassification`` / ``RaynasForQuestionAnswering`` -> their BERT twins.
+    """
     bert_config = bert_config_for(model.config)
     if bert_config is None:
         return None
+    bert_cls = next((theirs for ours, theirs in _CLASSES if isinstance(model, ours)), None)
+    if bert_cls is None:
+        raise ConfigError(f"export: {type(model).__name__} has no bert counterpart; "
+                          f"expected one of {', '.join(ours.__name__ for ours, _ in _CLASSES)}")
     state = _rename(model.state_dict(), bert_key_map(model.config))
-    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]  # tied in BertForMaskedLM
-    bert = BertForMaskedLM(bert_config)
+    if "cls.predictions.bias" in state:
+        state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]  # tied in BertForMaskedLM
+    bert = bert_cls(bert_config)
     missing, unexpected = bert.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith("bert.pooler.")]
     if missing or unexpected:
@@ -139,10 +192,14 @@ def to_bert(model: RaynasForMaskedLM) -> tuple[BertForMaskedLM, dict[str, torch.
 
 
 def export_model(
-    model: RaynasForMaskedLM, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
+    model: TaskModel, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
     bert_if_possible: bool = True,
 ) -> Exported:
-    """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir``, atomically."""
+    """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir``, atomically.
+
+    As plain ``bert`` when ``bert_if_possible`` and the config is BERT-expressible
+    (loads without raynas), else as ``raynas`` (loads after ``import raynas``).
+    """
     with atomic_dir(out_dir, overwrite) as tmp:
         converted = to_bert(model) if bert_if_possible else None
         if converted is not None:
