@@ -27,9 +27,9 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -80,7 +80,29 @@ class FinetuneConfig:
     output_dir: str | None = None  # save model + tokenizer + finetune.json here, atomically (replaces the folder)
 
 
-def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None) -> dict[str, Any]:
+class TrainingHooks(Protocol):
+    """What another method adds to this loop, so pruning trains with the same loss, optimizer and schedule.
+
+    ``prepare`` may replace the loaded model (pruning converts it and attaches gates)
+    and gets the step count; ``loss`` is added to each step's loss; ``after_step``
+    runs after the optimizer step (its own parameters, its phase changes);
+    ``evaluating(True/False)`` brackets every evaluation; ``status`` is appended to
+    the log lines and merged into the results.
+    """
+
+    def prepare(self, model: nn.Module, total_steps: int, device: torch.device) -> nn.Module: ...
+
+    def loss(self, step: int) -> Tensor | None: ...
+
+    def after_step(self, step: int) -> None: ...
+
+    def evaluating(self, on: bool) -> None: ...
+
+    def status(self) -> dict[str, float]: ...
+
+
+def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None,
+             hooks: TrainingHooks | None = None) -> dict[str, Any]:
     """Train, evaluate on ``cfg.eval_split`` after every epoch, return the last evaluation's flat dict.
 
     ``on_eval`` gets the same dict after each epoch (the Ray Tune adapter reports it).
@@ -88,6 +110,8 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None)
     epochs, batch_size, seed, epoch (epochs done), steps, train_loss (mean over the
     epoch), train_samples, eval_samples, train_time_s (cumulative) and eval_time_s
     (this evaluation); SQuAD adds train_features and eval_features (windows).
+    ``hooks`` extend the loop (structured pruning); ``output_dir`` then saves the model as
+    ``hooks.prepare`` returned it.
     """
     task = _validate(cfg)
     placement = Placement.resolve(cfg.device, cfg.precision)  # a bad device or precision fails before loading
@@ -101,9 +125,27 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, task, model_dir, teacher_dir, placement, on_eval)
+        return _run(cfg, task, model_dir, teacher_dir, placement, on_eval, hooks)
     finally:
         torch.set_num_threads(threads)
+
+
+def evaluate_only(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Score ``cfg.model`` (with its trained task head) on ``cfg.eval_split`` without training.
+
+    The unpruned reference of a pruning run is scored by the same evaluation code
+    as the pruned models, so their difference is the pruning's and nothing else.
+    """
+    task = _validate(cfg)
+    placement = Placement.resolve(cfg.device, cfg.precision)
+    model_dir = resolve_teacher(cfg.model, "model")
+    tokenizer = _load_tokenizer("model", model_dir)
+    model = _load_task_model("model", model_dir, task, as_teacher=True).to(placement.device)
+    data = _load_data(replace(cfg, max_train_samples=1), task, tokenizer)  # the train split is not needed
+    started = time.perf_counter()
+    metrics = _evaluate(model, task, data, _collate(tokenizer.pad_token_id or 0), cfg.batch_size, placement)
+    return {**metrics, "score": metrics[primary_metric(task.name)], "eval_samples": data.eval_samples,
+            "eval_time_s": round(time.perf_counter() - started, 3)}
 
 
 # ---- input checks and loading ----------------------------------------------------------------
@@ -311,20 +353,22 @@ def _seed(seed: int) -> None:
 
 
 def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | None, placement: Placement,
-         on_eval: Callable[[dict], None] | None) -> dict[str, Any]:
+         on_eval: Callable[[dict], None] | None, hooks: TrainingHooks | None = None) -> dict[str, Any]:
     _seed(cfg.seed)
     tokenizer = _load_tokenizer("model", model_dir)
     model = _load_task_model("model", model_dir, task, as_teacher=False)
     _check_positions("model", model, cfg.max_seq_len)
     teacher = _load_teacher(cfg, task, teacher_dir, tokenizer) if teacher_dir is not None else None
     data = _load_data(cfg, task, tokenizer)
-    objective = _Objective(cfg, task.kind, model, teacher).to(placement.device)  # student, teacher, projection
     collate = _collate(tokenizer.pad_token_id or 0)
     loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(cfg.seed), pin_memory=placement.device.type == "cuda")
     per_epoch = len(loader)
     total = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs > 0 else cfg.max_steps
     total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+    if hooks is not None:
+        model = hooks.prepare(model, total, placement.device)
+    objective = _Objective(cfg, task.kind, model, teacher).to(placement.device)  # student, teacher, projection
     optimizer = adamw(objective, cfg.lr, cfg.weight_decay)  # the teacher is frozen: not in the groups
     schedule = warmup_schedule(optimizer, total, cfg.warmup_ratio)
     trainable = [p for p in objective.parameters() if p.requires_grad]
@@ -347,25 +391,34 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
         for batch in loader:
             with placement.autocast():
                 loss = objective(placement.batch(batch))
-            loss.backward()
+            extra = hooks.loss(step) if hooks is not None else None
+            (loss if extra is None else loss + extra).backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
             step += 1
+            if hooks is not None:
+                hooks.after_step(step)
             now = time.perf_counter()
             window_steps, window_time, tick = window_steps + 1, window_time + now - tick, now
             if step % LOG_EVERY == 0:
                 _log(f"finetune {task.name}: step {step}/{total} loss {_mean(losses[-LOG_EVERY:]):.4f} "
-                     f"lr {schedule.get_last_lr()[0]:.2e} {window_steps / window_time:.2f} steps/s")
+                     f"lr {schedule.get_last_lr()[0]:.2e} {window_steps / window_time:.2f} steps/s"
+                     f"{_status_text(hooks)}")
                 window_steps, window_time = 0, 0.0
             if step >= total:
                 break
         placement.synchronize()  # cuda: the epoch's queued steps belong to its training time
         train_time += time.perf_counter() - started
         started = time.perf_counter()
+        if hooks is not None:
+            hooks.evaluating(True)
         metrics = _evaluate(model, task, data, collate, cfg.batch_size, placement)
+        if hooks is not None:
+            hooks.evaluating(False)
+            metrics.update(hooks.status())
         eval_time = time.perf_counter() - started
         results = {**base, **metrics, "score": metrics[primary_metric(task.name)], "epoch": round(step / per_epoch, 4),
                    "steps": step, "train_loss": _mean(losses), "train_time_s": round(train_time, 3),
@@ -382,6 +435,12 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
 def _mean(losses: list[Tensor]) -> float:
     """The mean of per-step losses as the float64 mean of their float32 values (one device-to-host copy)."""
     return float(np.mean(torch.stack(losses).float().tolist()))
+
+
+def _status_text(hooks: TrainingHooks | None) -> str:
+    if hooks is None:
+        return ""
+    return "".join(f" {k} {v:.4g}" for k, v in hooks.status().items())
 
 
 def _log(line: str) -> None:

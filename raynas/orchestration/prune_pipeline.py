@@ -1,0 +1,125 @@
+"""The stages of ``raynas prune``, top to bottom (see :mod:`raynas.orchestration.prune_tune` for each).
+
+Everything lands in one run folder (``out``): ``squad-proxy/`` (a split SQuAD file,
+when asked), ``finetuned/`` (stage finetune), ``latency_fit.parquet`` (the timed
+shapes behind the latency model), ``jobs/NAME/`` (each job's ``model/`` and
+``prune.json``), ``trials.parquet`` (one row per job), ``pruning.md`` and the
+family report (``report.md``, ``report.parquet``, ``score_vs_speedup.png``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from raynas.orchestration.prune_tune import PruneRunConfig, jobs, preflight, pruning_markdown, rows_for, run_jobs
+
+STAGES = ["split", "finetune", "reference", "latency", "prune", "measure"]
+
+
+def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
+    from raynas.stages import StageRun
+
+    if cfg.squad_proxy is not None:  # before preflight: the split is where data_dir points
+        cfg = replace(cfg, data_dir=str(Path(cfg.out) / "squad-proxy"))
+    preflight(cfg, split_pending=cfg.squad_proxy is not None)
+    out = Path(cfg.out).resolve()
+    run = StageRun(out, STAGES)
+    if cfg.squad_proxy is not None:
+        run.run("split", {"source": cfg.squad_proxy}, lambda: _split(cfg))
+    model = cfg.model
+    if cfg.finetune_from is not None:
+        ft = {"finetune_from": cfg.finetune_from, "task": cfg.task, **cfg.finetune}
+        model = run.run("finetune", ft, lambda: _finetune_first(cfg, out / "finetuned"))
+    assert model is not None
+    eval_fields = {k: v for k, v in cfg.train.items() if k in ("max_seq_len", "doc_stride", "max_eval_samples",
+                                                                "eval_split", "batch_size", "device", "precision")}
+    reference = run.run("reference", {"model": model, "task": cfg.task, **eval_fields},
+                        lambda: _score(cfg, model, eval_fields))
+    latency = None
+    if any((t.kind or cfg.prune.kind) == "speedup" for t in cfg.targets):
+        latency = run.run("latency", {"model": model, **asdict(cfg.latency)}, lambda: _fit_latency(cfg, model, out))
+    todo = jobs(cfg, model, latency)
+    errors = run_jobs(cfg, todo)
+    measured = _measure(cfg, model, todo)
+    ref_row = {**measured.get(model, {}), "score": reference["score"]}
+    rows = rows_for(todo, errors, measured, reference["score"])
+    return _write(cfg, out, model, rows, ref_row)
+
+
+def _split(cfg: PruneRunConfig) -> dict[str, str]:
+    from raynas.evaluation.tasks import split_squad_by_article
+
+    assert cfg.squad_proxy is not None and cfg.data_dir is not None
+    version = "2.0" if cfg.task.lower().replace("-", "_") in ("squad_v2", "squad2") else "1.1"
+    train, dev = split_squad_by_article(cfg.squad_proxy, cfg.data_dir, version)
+    return {"train": str(train), "dev": str(dev)}
+
+
+def _finetune_first(cfg: PruneRunConfig, folder: Path) -> str:
+    from raynas.evaluation.finetune import FinetuneConfig, finetune
+
+    data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None
+    finetune(FinetuneConfig(task=cfg.task, model=str(cfg.finetune_from), data_dir=data_dir,
+                            output_dir=str(folder), **cfg.finetune))
+    return str(folder)
+
+
+def _score(cfg: PruneRunConfig, model: str, fields: dict[str, Any]) -> dict[str, Any]:
+    from raynas.evaluation.finetune import FinetuneConfig, evaluate_only
+
+    data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None
+    result = evaluate_only(FinetuneConfig(task=cfg.task, model=model, data_dir=data_dir, **fields))
+    print(f"prune: unpruned {model}: score {result['score']:.4f}", file=sys.stderr, flush=True)
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+
+
+def _fit_latency(cfg: PruneRunConfig, model: str, out: Path) -> dict[str, float]:
+    from raynas.compression.prune_run import fit_latency_model
+    from raynas.tables import to_table, write_parquet
+
+    lat = cfg.latency
+    fitted, measured = fit_latency_model(model, lat.fit_samples, lat.seq_len, lat.batch_size, lat.threads,
+                                         lat.fit_repeats, device=lat.device)
+    import pyarrow as pa
+
+    write_parquet(to_table(measured, pa.schema([("shape", pa.int32()), ("heads", pa.int32()), ("ffn", pa.int32()),
+                                                ("latency_ms", pa.float64()), ("predicted_ms", pa.float64())])),
+                  out / "latency_fit.parquet")
+    print(f"prune: latency model fitted on {len(measured)} timings (R^2 {fitted.r2:.3f}): {fitted}",
+          file=sys.stderr, flush=True)
+    return asdict(fitted)
+
+
+def _measure(cfg: PruneRunConfig, model: str, todo: list) -> dict[str, dict[str, Any]]:
+    """Every finished pruned model timed interleaved with the unpruned one: path -> row."""
+    from raynas.compression.prune_run import finished
+    from raynas.evaluation.latency import compare_latency
+
+    paths = [r["path"] for r in (finished(j.out_dir) for j in todo) if r is not None]
+    lat = cfg.latency
+    rows = compare_latency(paths, reference=model, seq_len=lat.seq_len, batch_size=lat.batch_size,
+                           threads=lat.threads, repeats=lat.repeats, device=lat.device)
+    return {r["model"]: r for r in rows}
+
+
+def _write(cfg: PruneRunConfig, out: Path, model: str, rows: list[dict[str, Any]],
+           reference: dict[str, Any]) -> dict[str, Any]:
+    from raynas.atomic_io import atomic_file
+    from raynas.evaluation.report import family_report
+    from raynas.orchestration.prune_tune import ROWS_SCHEMA
+    from raynas.tables import to_table, write_parquet
+
+    table = write_parquet(to_table(rows, ROWS_SCHEMA), out / "trials.parquet")
+    text = pruning_markdown(rows, reference, cfg.title, cfg.task)
+    with atomic_file(out / "pruning.md") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    scale = 1.0 if cfg.task.lower().startswith("squad") else 100.0
+    family = [{"model": f"unpruned ({Path(model).name})", "params": reference.get("params"),
+               "latency_ms": reference.get("latency_ms"), "speedup": 1.0, cfg.task: scale * reference["score"]}]
+    family += [{"model": r["name"], "params": r["params"], "latency_ms": r["latency_ms"], "speedup": r["speedup"],
+                cfg.task: scale * r["score"]} for r in rows if r["status"] == "ok"]
+    files = family_report(family, out, title=cfg.title, reference=family[0]["model"])
+    return {"rows": rows, "table": str(table), "markdown": str(out / "pruning.md"), "report": files, "text": text}

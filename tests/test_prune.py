@@ -1,0 +1,87 @@
+"""Structured pruning end to end on a tiny fine-tuned BERT and synthetic SST-2: target met, removal exact, loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_finetune import _bert_dir, _write_sst2
+
+from raynas.compression.prune_run import PruneJob, finished, run_prune_job
+from raynas.errors import ConfigError
+from raynas.evaluation.finetune import FinetuneConfig, finetune
+
+TRAIN = {"lr": 1e-3, "epochs": 2, "batch_size": 16, "max_seq_len": 32, "seed": 0, "kd_alpha": 0.5}
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prune")
+    data = _write_sst2(root / "glue", train=128, dev=32)
+    base = _bert_dir(root / "base", hidden=32, layers=2)
+    out = root / "finetuned"
+    finetune(FinetuneConfig(task="sst2", model=str(base), data_dir=str(data), lr=2e-3, epochs=2, batch_size=16,
+                            max_seq_len=32, seed=0, output_dir=str(out)))
+    return out, data
+
+
+@pytest.mark.parametrize("kind,target,method", [("params", 0.5, "l0"), ("flops", 0.7, "l0"),
+                                                 ("params", 0.5, "magnitude")])
+def test_a_pruned_model_meets_its_target_and_equals_the_gated_model(finetuned, tmp_path, kind, target, method):
+    model, data = finetuned
+    job = PruneJob(f"{kind}-{method}", "sst2", str(model), str(tmp_path / "job"),
+                   {"kind": kind, "target": target, "method": method, "gate_lr": 0.2, "lambda_lr": 0.2},
+                   {**TRAIN, "data_dir": str(data)})
+    record = run_prune_job(job)
+    sparsity = record["params_sparsity" if kind == "params" else "flops_sparsity"]
+    assert abs(sparsity - target) <= 0.02, record  # within +-2 % of the target
+    assert abs((1 - record["achieved_fraction"]) - sparsity) < 1e-9
+    assert record["max_abs_diff"] <= 1e-5
+    assert record["model_type"] == "raynas"  # per-layer heads: not a plain bert
+    assert finished(tmp_path / "job")["name"] == job.name
+    heads = [layer["heads"] for layer in record["layers"] if layer["op"] == "mha"]
+    ffn = [layer["inner"] for layer in record["layers"] if layer["op"] == "ffn"]
+    assert sum(heads) < 8 or sum(ffn) < 128  # something was removed
+    if method == "l0":  # the gates were learned: the Lagrangian moved the expected size down from 1
+        assert record["expected_fraction"] < 0.99
+    else:
+        assert record["expected_fraction"] != record["expected_fraction"]  # nan: no gates were learned
+
+
+def test_the_exported_model_loads_in_a_fresh_process_through_auto_classes_and_pipeline(finetuned, tmp_path):
+    model, data = finetuned
+    job = PruneJob("p", "sst2", str(model), str(tmp_path / "job"), {"kind": "params", "target": 0.4},
+                   {**TRAIN, "epochs": 1, "data_dir": str(data)})
+    record = run_prune_job(job)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import raynas  # noqa: F401
+
+    path = record["path"]
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(["the movie was good", "the plot was bad and long"], padding=True, return_tensors="pt")
+    here = AutoModelForSequenceClassification.from_pretrained(path).eval()(**ids).logits
+    code = (f"import json, raynas, torch\nfrom transformers import AutoModel, AutoModelForSequenceClassification, "
+            f"AutoTokenizer, pipeline\np = {path!r}\ntok = AutoTokenizer.from_pretrained(p)\n"
+            "ids = tok(['the movie was good', 'the plot was bad and long'], padding=True, return_tensors='pt')\n"
+            "m = AutoModelForSequenceClassification.from_pretrained(p).eval()\n"
+            "AutoModel.from_pretrained(p)\n"
+            "clf = pipeline('text-classification', model=m, tokenizer=tok)\n"
+            "print(json.dumps({'logits': m(**ids).logits.tolist(), 'pipe': clf(['the movie was good'])}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert torch.allclose(torch.tensor(result["logits"]), here, atol=1e-5)
+    assert result["pipe"][0]["label"] in ("negative", "positive")
+
+
+def test_an_out_of_reach_target_fails_before_training(finetuned, tmp_path):
+    model, data = finetuned
+    job = PruneJob("x", "sst2", str(model), str(tmp_path / "job"), {"kind": "params", "target": 0.9999},
+                   {**TRAIN, "data_dir": str(data)})
+    with pytest.raises(ConfigError, match="out of reach"):
+        run_prune_job(job)
+    assert not (tmp_path / "job" / "prune.json").exists()
