@@ -9,9 +9,9 @@ from raynas.compression.gates import Gates, HardConcrete
 from raynas.compression.removal import remove_pruned
 from raynas.compression.targets import (
     CostModel,
-    LayerCost,
     Lagrangian,
     LatencyModel,
+    LayerCost,
     analytic_cost,
     kept_counts,
     project,
