@@ -85,3 +85,25 @@ def test_an_out_of_reach_target_fails_before_training(finetuned, tmp_path):
     with pytest.raises(ConfigError, match="out of reach"):
         run_prune_job(job)
     assert not (tmp_path / "job" / "prune.json").exists()
+
+
+@pytest.mark.parametrize("fault_step", [5, 10])  # 16 steps, gates learned for 8: in phase 1 and in phase 2
+def test_a_job_killed_after_a_checkpoint_resumes_exactly(finetuned, tmp_path, monkeypatch, fault_step):
+    from safetensors.torch import load_file
+
+    from raynas.evaluation.finetune_state import FAULT_ENV
+
+    model, data = finetuned
+    train = {**TRAIN, "data_dir": str(data), "checkpoint_every": 5}
+    settings = {"kind": "params", "target": 0.5, "gate_lr": 0.2, "lambda_lr": 0.2, "prune_fraction": 0.5}
+    whole = run_prune_job(PruneJob("a", "sst2", str(model), str(tmp_path / "whole"), settings, train))
+    monkeypatch.setenv(FAULT_ENV, str(fault_step))  # raised right after that step's checkpoint
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_prune_job(PruneJob("a", "sst2", str(model), str(tmp_path / "cut"), settings, train))
+    assert (tmp_path / "cut" / "finetune-checkpoint.pt").is_file() and not (tmp_path / "cut" / "prune.json").exists()
+    resumed = run_prune_job(PruneJob("a", "sst2", str(model), str(tmp_path / "cut"), settings, train))
+    assert not (tmp_path / "cut" / "finetune-checkpoint.pt").exists()  # removed when the run ended
+    assert resumed["layers"] == whole["layers"] and resumed["results"]["score"] == whole["results"]["score"]
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

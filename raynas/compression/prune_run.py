@@ -33,6 +33,7 @@ from raynas.spaces.ops import FFN, MHA
 
 RECORD = "prune.json"
 MODEL_DIR = "model"
+CHECKPOINT_EVERY = 50  # steps; train.checkpoint_every overrides (0: none)
 
 
 @dataclass
@@ -78,7 +79,8 @@ def run_prune_job(job: PruneJob, on_eval: Callable[[dict], None] | None = None) 
     latency = LatencyModel(**job.latency) if job.latency else None
     pruner = Pruner(settings, latency)
     model_dir = resolve_teacher(job.model, "model")
-    cfg = FinetuneConfig(task=job.task, model=model_dir, teacher=model_dir if job.distill else None, **job.train)
+    train = {"checkpoint_every": CHECKPOINT_EVERY, **job.train, "checkpoint_dir": job.out_dir}  # a retry resumes
+    cfg = FinetuneConfig(task=job.task, model=model_dir, teacher=model_dir if job.distill else None, **train)
     results = finetune(cfg, on_eval, hooks=pruner)
     gated = pruner.model
     assert gated is not None and pruner.cost is not None

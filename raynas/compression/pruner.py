@@ -154,6 +154,23 @@ class Pruner:
             out.update(lambda_1=lam[0], lambda_2=lam[1])
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """Gates, multipliers, their optimizer, and the fixed mask once there is one (for checkpoints)."""
+        assert self.gates is not None
+        return {"gates": self.gates.state_dict(), "lagrangian": self.lagrangian.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "masks": self.masks, "step": self.step,
+                "expected": self._expected, "expected_at_fix": self.expected_at_fix}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.gates is not None
+        self.gates.load_state_dict(state["gates"])
+        self.lagrangian.load_state_dict(state["lagrangian"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self._expected = state["step"], state["expected"]
+        if state["masks"] is not None:
+            self._fix(state["masks"])
+            self.expected_at_fix = state["expected_at_fix"]
+
     # ---- the mask ---------------------------------------------------------------------------
     def target_at(self, step: int) -> float:
         """The remaining fraction asked for at ``step`` (the ramp from 1 to the target)."""

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,8 +40,10 @@ import raynas.models  # noqa: F401  (registers model_type raynas with the Auto c
 from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError, require
 from raynas.evaluation import qa_features
+from raynas.evaluation.finetune_state import CHECKPOINT, Resume, TrainingHooks, injected_fault, load_state, save_state
 from raynas.evaluation.metrics import glue_metrics, primary_metric
-from raynas.evaluation.tasks import Task, get_task, load_task_split
+from raynas.evaluation.task_data import TaskData, collate_fn, load_data
+from raynas.evaluation.tasks import Task, get_task
 from raynas.teachers import resolve_teacher
 from raynas.training.objectives import HiddenDistillation, logits_distillation, score_distillation, span_distillation
 from raynas.training.optim import Placement, adamw, warmup_schedule
@@ -78,27 +80,8 @@ class FinetuneConfig:
     device: str = "auto"  # auto (cuda when this process sees a GPU, else cpu), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32, bf16 (autocast; cuda only), auto (bf16 on cuda, fp32 on cpu)
     output_dir: str | None = None  # save model + tokenizer + finetune.json here, atomically (replaces the folder)
-
-
-class TrainingHooks(Protocol):
-    """What another method adds to this loop, so pruning trains with the same loss, optimizer and schedule.
-
-    ``prepare`` may replace the loaded model (pruning converts it and attaches gates)
-    and gets the step count; ``loss`` is added to each step's loss; ``after_step``
-    runs after the optimizer step (its own parameters, its phase changes);
-    ``evaluating(True/False)`` brackets every evaluation; ``status`` is appended to
-    the log lines and merged into the results.
-    """
-
-    def prepare(self, model: nn.Module, total_steps: int, device: torch.device) -> nn.Module: ...
-
-    def loss(self, step: int) -> Tensor | None: ...
-
-    def after_step(self, step: int) -> None: ...
-
-    def evaluating(self, on: bool) -> None: ...
-
-    def status(self) -> dict[str, float]: ...
+    checkpoint_dir: str | None = None  # resume from / checkpoint to CHECKPOINT here (removed when the run ends)
+    checkpoint_every: int = 0  # steps between checkpoints (0: none)
 
 
 def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None,
@@ -113,7 +96,7 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[dict], None] | None = None,
     ``hooks`` extend the loop (structured pruning); ``output_dir`` then saves the model as
     ``hooks.prepare`` returned it.
     """
-    task = _validate(cfg)
+    task = validate_config(cfg)
     placement = Placement.resolve(cfg.device, cfg.precision)  # a bad device or precision fails before loading
     model_dir = resolve_teacher(cfg.model, "model")
     teacher_dir = resolve_teacher(cfg.teacher, "teacher") if cfg.teacher is not None else None
@@ -136,20 +119,20 @@ def evaluate_only(cfg: FinetuneConfig) -> dict[str, Any]:
     The unpruned reference of a pruning run is scored by the same evaluation code
     as the pruned models, so their difference is the pruning's and nothing else.
     """
-    task = _validate(cfg)
+    task = validate_config(cfg)
     placement = Placement.resolve(cfg.device, cfg.precision)
     model_dir = resolve_teacher(cfg.model, "model")
     tokenizer = _load_tokenizer("model", model_dir)
     model = _load_task_model("model", model_dir, task, as_teacher=True).to(placement.device)
-    data = _load_data(replace(cfg, max_train_samples=1), task, tokenizer)  # the train split is not needed
+    data = load_data(replace(cfg, max_train_samples=1), task, tokenizer)  # the train split is not needed
     started = time.perf_counter()
-    metrics = _evaluate(model, task, data, _collate(tokenizer.pad_token_id or 0), cfg.batch_size, placement)
+    metrics = _evaluate(model, task, data, collate_fn(tokenizer.pad_token_id or 0), cfg.batch_size, placement)
     return {**metrics, "score": metrics[primary_metric(task.name)], "eval_samples": data.eval_samples,
             "eval_time_s": round(time.perf_counter() - started, 3)}
 
 
 # ---- input checks and loading ----------------------------------------------------------------
-def _validate(cfg: FinetuneConfig) -> Task:
+def validate_config(cfg: FinetuneConfig) -> Task:
     """Every field checked before anything loads; the message names the field."""
     require(cfg.lr > 0, f"lr: expected a positive learning rate, got {cfg.lr!r}")
     require(cfg.batch_size >= 1, f"batch_size: expected at least 1, got {cfg.batch_size!r}")
@@ -163,6 +146,9 @@ def _validate(cfg: FinetuneConfig) -> Task:
         value = getattr(cfg, name)
         require(value is None or value >= 1, f"{name}: expected None or at least 1, got {value!r}")
     require(0.0 <= cfg.warmup_ratio <= 1.0, f"warmup_ratio: expected a fraction in [0, 1], got {cfg.warmup_ratio!r}")
+    require(cfg.checkpoint_every >= 0, f"checkpoint_every: expected >= 0, got {cfg.checkpoint_every!r}")
+    require(cfg.checkpoint_every == 0 or cfg.checkpoint_dir is not None,
+            "checkpoint_every: checkpoints need a checkpoint_dir")
     require(cfg.weight_decay >= 0, f"weight_decay: expected >= 0, got {cfg.weight_decay!r}")
     require(cfg.max_seq_len >= 8, f"max_seq_len: expected at least 8, got {cfg.max_seq_len!r}")
     task = get_task(cfg.task)
@@ -249,67 +235,6 @@ def _check_positions(field: str, model: nn.Module, max_seq_len: int) -> None:
             f"max_seq_len: {max_seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
 
 
-# ---- data -----------------------------------------------------------------------------------
-@dataclass
-class _Data:
-    train: list[dict[str, Any]]
-    train_samples: int
-    eval_inputs: list[dict[str, Any]]  # model inputs only
-    eval_samples: int
-    eval_labels: np.ndarray | None = None  # GLUE
-    eval_examples: dict[str, list[Any]] | None = None  # SQuAD: the rows, for postprocessing and gold answers
-    eval_qa: qa_features.EvalFeatures | None = None
-
-
-def _subsample(ds: Any, limit: int | None, seed: int | None) -> Any:
-    """At most ``limit`` rows: a seeded random subset (train) or the first ones (eval, seed None)."""
-    if limit is None or limit >= len(ds):
-        return ds
-    if seed is None:
-        return ds.select(range(limit))
-    return ds.select(sorted(np.random.default_rng(seed).permutation(len(ds))[:limit].tolist()))
-
-
-def _glue_rows(ds: Any, tokenizer: Any, max_len: int) -> list[dict[str, Any]]:
-    text_b = list(ds["text_b"]) if "text_b" in ds.column_names else None
-    enc = tokenizer(list(ds["text_a"]), text_b, truncation=True, max_length=max_len)
-    keys = [k for k in qa_features.MODEL_INPUTS if k in enc]
-    labels = list(ds["label"])
-    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(labels))]
-
-
-def _load_data(cfg: FinetuneConfig, task: Task, tokenizer: Any) -> _Data:
-    train_ds = _subsample(load_task_split(task.name, cfg.train_split, cfg.data_dir), cfg.max_train_samples, cfg.seed)
-    eval_ds = _subsample(load_task_split(task.name, cfg.eval_split, cfg.data_dir), cfg.max_eval_samples, None)
-    require(len(train_ds) > 0, f"train_split: task {task.name} split {cfg.train_split!r} has no rows")
-    require(len(eval_ds) > 0, f"eval_split: task {task.name} split {cfg.eval_split!r} has no rows")
-    if task.kind != "extractive_qa":
-        eval_rows = _glue_rows(eval_ds, tokenizer, cfg.max_seq_len)
-        labels = np.asarray([row.pop("labels") for row in eval_rows])
-        return _Data(_glue_rows(train_ds, tokenizer, cfg.max_seq_len), len(train_ds), eval_rows, len(eval_ds), labels)
-    train = qa_features.train_features(train_ds.to_dict(), tokenizer, cfg.max_seq_len, cfg.doc_stride)
-    examples = eval_ds.to_dict()
-    features = qa_features.eval_features(examples, tokenizer, cfg.max_seq_len, cfg.doc_stride)
-    return _Data(train, len(train_ds), features.inputs, len(eval_ds), eval_examples=examples, eval_qa=features)
-
-
-def _collate(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
-    """Pad token lists to the longest row of the batch; scalars (labels, positions) become tensors."""
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, Tensor]:
-        width = max(len(row["input_ids"]) for row in rows)
-        batch = {}
-        for key, first in rows[0].items():
-            if isinstance(first, list):
-                fill = pad_id if key == "input_ids" else 0
-                batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows])
-            else:
-                batch[key] = torch.tensor([row[key] for row in rows])  # int -> long, float -> float32
-        return batch
-
-    return collate
-
-
 # ---- training -------------------------------------------------------------------------------
 class _Objective(nn.Module):
     """The training loss: the task loss, plus the distillation terms when there is a teacher."""
@@ -359,10 +284,11 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
     model = _load_task_model("model", model_dir, task, as_teacher=False)
     _check_positions("model", model, cfg.max_seq_len)
     teacher = _load_teacher(cfg, task, teacher_dir, tokenizer) if teacher_dir is not None else None
-    data = _load_data(cfg, task, tokenizer)
-    collate = _collate(tokenizer.pad_token_id or 0)
+    data = load_data(cfg, task, tokenizer)
+    collate = collate_fn(tokenizer.pad_token_id or 0)
+    order = torch.Generator().manual_seed(cfg.seed)  # the data order; its state is part of a checkpoint
     loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=placement.device.type == "cuda")
+                        generator=order, pin_memory=placement.device.type == "cuda")
     per_epoch = len(loader)
     total = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs > 0 else cfg.max_steps
     total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
@@ -382,13 +308,24 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
     _log(f"finetune {task.name}: {data.train_samples} train / {data.eval_samples} eval samples, {total} steps "
          f"({per_epoch}/epoch), batch {cfg.batch_size} on {placement.device}"
          f"{', teacher ' + cfg.teacher if cfg.teacher else ''}")
+    ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir is not None else None
+    resume = load_state(ckpt, objective, optimizer, schedule, hooks) if ckpt is not None else None
+    if resume is not None:
+        step, train_time = resume.step, resume.train_time
+        order.set_state(resume.epoch_state)
+        _log(f"finetune {task.name}: resumed from step {step} ({ckpt})")
     while step < total:
         objective.train()
         if teacher is not None:
             teacher.eval()
         started = tick = time.perf_counter()
-        losses: list[Tensor] = []  # detached, read back once per log line / epoch: no GPU sync per step
-        for batch in loader:
+        epoch_state, skip = order.get_state(), (resume.in_epoch if resume is not None else 0)
+        # detached, read back once per log line / epoch: no GPU sync per step
+        losses: list[Tensor] = [torch.tensor(x) for x in (resume.losses if resume is not None else [])]
+        resume = None
+        for in_epoch, batch in enumerate(loader):
+            if in_epoch < skip:  # a resumed epoch: these batches were trained before the checkpoint
+                continue
             with placement.autocast():
                 loss = objective(placement.batch(batch))
             extra = hooks.loss(step) if hooks is not None else None
@@ -401,6 +338,11 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
             step += 1
             if hooks is not None:
                 hooks.after_step(step)
+            if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                save_state(ckpt, objective, optimizer, schedule, hooks, Resume(
+                    step, in_epoch + 1, epoch_state, train_time + time.perf_counter() - started,
+                    [float(x) for x in losses]))
+                injected_fault(step, ckpt)
             now = time.perf_counter()
             window_steps, window_time, tick = window_steps + 1, window_time + now - tick, now
             if step % LOG_EVERY == 0:
@@ -429,6 +371,8 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
             on_eval(dict(results))
     if cfg.output_dir is not None:
         _save(cfg, model, tokenizer, results)
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)  # the run is done: its result, not its checkpoint, is what is kept
     return results
 
 
@@ -472,7 +416,7 @@ def _predict(model: nn.Module, rows: list[dict[str, Any]], collate: Callable, ba
     return out
 
 
-def _evaluate(model: nn.Module, task: Task, data: _Data, collate: Callable, batch_size: int,
+def _evaluate(model: nn.Module, task: Task, data: TaskData, collate: Callable, batch_size: int,
               placement: Placement) -> dict[str, float]:
     qa = task.kind == "extractive_qa"
     outputs = _predict(model, data.eval_inputs, collate, 2 * batch_size, qa, placement)

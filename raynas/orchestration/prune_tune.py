@@ -113,7 +113,7 @@ def preflight(cfg: PruneRunConfig, split_pending: bool = False) -> None:
     ``split_pending``: ``data_dir`` is the SQuAD proxy split still to be made; its source is checked instead.
     """
     from raynas.compression.targets import TARGET_KINDS
-    from raynas.evaluation.finetune import FinetuneConfig, _validate
+    from raynas.evaluation.finetune import FinetuneConfig, validate_config
     from raynas.evaluation.tasks import get_task, load_task_split
 
     require(bool(cfg.task), "task: which task to prune for (sst2, qnli, squad, ...)")
@@ -137,7 +137,7 @@ def preflight(cfg: PruneRunConfig, split_pending: bool = False) -> None:
     for section in ("train", "finetune"):
         fields = getattr(cfg, section)
         try:
-            _validate(FinetuneConfig(task=cfg.task, model="-", **{k: v for k, v in fields.items() if k != "data_dir"}))
+            validate_config(FinetuneConfig(task=cfg.task, model="-", **{k: v for k, v in fields.items() if k != "data_dir"}))
         except TypeError as exc:
             raise ConfigError(f"{section}: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
     if cfg.squad_proxy is not None:
