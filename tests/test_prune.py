@@ -29,12 +29,13 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out, data
 
 
-@pytest.mark.parametrize("kind,target,method", [("params", 0.5, "l0"), ("flops", 0.7, "l0"),
-                                                 ("params", 0.5, "magnitude")])
-def test_a_pruned_model_meets_its_target_and_equals_the_gated_model(finetuned, tmp_path, kind, target, method):
+@pytest.mark.parametrize("kind,target,method,blocks", [("params", 0.5, "l0", False), ("flops", 0.7, "l0", True),
+                                                        ("params", 0.5, "magnitude", False)])
+def test_a_pruned_model_meets_its_target_and_equals_the_gated_model(finetuned, tmp_path, kind, target, method, blocks):
     model, data = finetuned
     job = PruneJob(f"{kind}-{method}", "sst2", str(model), str(tmp_path / "job"),
-                   {"kind": kind, "target": target, "method": method, "gate_lr": 0.2, "lambda_lr": 0.2},
+                   {"kind": kind, "target": target, "method": method, "gate_lr": 0.2, "lambda_lr": 0.2,
+                    "block_gates": blocks},
                    {**TRAIN, "data_dir": str(data)})
     record = run_prune_job(job)
     sparsity = record["params_sparsity" if kind == "params" else "flops_sparsity"]
