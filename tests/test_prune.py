@@ -108,3 +108,18 @@ def test_a_job_killed_after_a_checkpoint_resumes_exactly(finetuned, tmp_path, mo
     a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layerwise_hidden_distillation_pairs_every_bert_layer(finetuned, tmp_path):
+    from raynas.evaluation.finetune import layer_pairs
+
+    states = tuple(torch.full((1, 2, 4), float(i)) for i in range(5))  # raynas: embeddings + 2 layers x (mha, ffn)
+    teacher = tuple(torch.full((1, 2, 4), float(2 * i)) for i in range(3))  # bert: embeddings + 2 layers
+    assert all(torch.equal(s, t) for s, t in layer_pairs(states, teacher))
+    with pytest.raises(ConfigError, match="as deep as the teacher"):
+        layer_pairs(states[:4], teacher)
+    model, data = finetuned
+    job = PruneJob("h", "sst2", str(model), str(tmp_path / "job"), {"kind": "params", "target": 0.4},
+                   {**TRAIN, "epochs": 1, "data_dir": str(data), "kd_hidden_weight": 1.0, "kd_hidden_layers": "all"})
+    record = run_prune_job(job)
+    assert record["max_abs_diff"] <= 1e-5 and abs(record["params_sparsity"] - 0.4) <= 0.02

@@ -15,7 +15,8 @@ Task distillation is NAS-BERT's second stage and TinyBERT's task KD: a frozen te
 fine-tuned on the same task sees each batch, and the loss is
 ``(1 - kd_alpha) * task loss + kd_alpha * soft loss`` -- KL between the softened
 distributions times T^2 (start and end distributions for QA), or MSE between scores
-for STS-B -- plus ``kd_hidden_weight`` times the MSE between last hidden states, through
+for STS-B -- plus ``kd_hidden_weight`` times the MSE between last hidden states (every layer's with
+``kd_hidden_layers: all``, as CoFiPruning distils a pruned model layer by layer), through
 a learned projection when widths differ (trained with the student, not saved). The
 loss terms are pre-training's (:mod:`raynas.training.objectives`).
 """
@@ -76,6 +77,7 @@ class FinetuneConfig:
     kd_alpha: float = 0.5  # loss = (1 - kd_alpha) * task loss + kd_alpha * soft loss
     kd_temperature: float = 1.0
     kd_hidden_weight: float = 0.0  # > 0: add MSE between last hidden states (projected when widths differ)
+    kd_hidden_layers: str = "last"  # last, or all: every layer's output (a pruned model and its teacher: same depth)
     threads: int | None = None  # torch threads for this run (restored afterwards)
     device: str = "auto"  # auto (cuda when this process sees a GPU, else cpu), cpu, cuda, cuda:N
     precision: str = "fp32"  # fp32, bf16 (autocast; cuda only), auto (bf16 on cuda, fp32 on cpu)
@@ -139,6 +141,8 @@ def validate_config(cfg: FinetuneConfig) -> Task:
     require(0.0 <= cfg.kd_alpha <= 1.0, f"kd_alpha: expected a weight in [0, 1], got {cfg.kd_alpha!r}")
     require(cfg.kd_temperature > 0, f"kd_temperature: expected > 0, got {cfg.kd_temperature!r}")
     require(cfg.kd_hidden_weight >= 0, f"kd_hidden_weight: expected >= 0, got {cfg.kd_hidden_weight!r}")
+    require(cfg.kd_hidden_layers in ("last", "all"),
+            f"kd_hidden_layers: expected last or all, got {cfg.kd_hidden_layers!r}")
     require(cfg.kd_hidden_weight == 0 or cfg.teacher is not None,
             "kd_hidden_weight: hidden-state distillation needs a teacher (set teacher)")
     require(cfg.max_steps is not None or cfg.epochs > 0, f"epochs: expected > 0, got {cfg.epochs!r}")
@@ -243,6 +247,7 @@ class _Objective(nn.Module):
         super().__init__()
         self.kind, self.student, self.teacher = kind, student, teacher
         self.alpha, self.temperature, self.hidden_weight = cfg.kd_alpha, cfg.kd_temperature, cfg.kd_hidden_weight
+        self.all_layers = cfg.kd_hidden_layers == "all"
         self.hidden: HiddenDistillation | None = None
         if teacher is not None and self.hidden_weight > 0:  # a projection only when the widths differ
             self.hidden = HiddenDistillation(student.config.hidden_size, teacher.config.hidden_size)
@@ -259,7 +264,10 @@ class _Objective(nn.Module):
         mask = batch["attention_mask"]
         loss = (1 - self.alpha) * out.loss + self.alpha * self._soft(out, ref, mask)
         if self.hidden is not None:
-            loss = loss + self.hidden_weight * self.hidden(out.hidden_states[-1], ref.hidden_states[-1], mask)
+            pairs = layer_pairs(out.hidden_states, ref.hidden_states) if self.all_layers else \
+                [(out.hidden_states[-1], ref.hidden_states[-1])]
+            hidden_loss = torch.stack([self.hidden(s, t, mask) for s, t in pairs]).mean()
+            loss = loss + self.hidden_weight * hidden_loss
         return loss
 
     def _soft(self, out: Any, ref: Any, mask: Tensor) -> Tensor:
@@ -269,6 +277,21 @@ class _Objective(nn.Module):
             return logits_distillation(out.logits, ref.logits, self.temperature)
         return span_distillation(out.start_logits, out.end_logits, ref.start_logits, ref.end_logits, mask,
                                  self.temperature)
+
+
+def layer_pairs(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor]]:
+    """(student, teacher) hidden states layer by layer, embeddings included.
+
+    A raynas student lists one state per op-layer (an MHA and an FFN op per BERT
+    layer), a BERT teacher one per layer: every second state of the student is a
+    BERT layer's output. Other depths do not pair up: one clear error.
+    """
+    if len(student) == 2 * (len(teacher) - 1) + 1 and len(student) != len(teacher):
+        student = student[::2]
+    if len(student) != len(teacher):
+        raise ConfigError(f"kd_hidden_layers: all needs a student as deep as the teacher ({len(student) - 1} vs "
+                          f"{len(teacher) - 1} layers); use last")
+    return list(zip(student, teacher))
 
 
 def _seed(seed: int) -> None:
