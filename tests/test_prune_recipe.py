@@ -34,8 +34,11 @@ def _config(setup: dict[str, Path], out: Path, **extra) -> Path:
 
 
 @pytest.mark.ray
-def test_a_family_of_targets_runs_as_tune_trials_and_a_rerun_skips_them(setup, tmp_path, capsys):
+def test_a_family_of_targets_runs_as_tune_trials_and_a_rerun_skips_them(setup, tmp_path, capsys, monkeypatch):
     import ray
+
+    monkeypatch.chdir(setup["root"])  # a model path relative to the working directory reaches the trials
+    setup = {**setup, "model": Path("ft")}
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

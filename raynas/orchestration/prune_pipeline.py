@@ -34,6 +34,7 @@ def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
         ft = {"finetune_from": cfg.finetune_from, "task": cfg.task, **cfg.finetune}
         model = run.run("finetune", ft, lambda: _finetune_first(cfg, out / "finetuned"))
     assert model is not None
+    model = str(Path(model).resolve()) if Path(model).exists() else model  # trials run elsewhere (Ray's cwd)
     eval_fields = {k: v for k, v in cfg.train.items() if k in ("max_seq_len", "doc_stride", "max_eval_samples",
                                                                 "eval_split", "batch_size", "device", "precision")}
     reference = run.run("reference", {"model": model, "task": cfg.task, **eval_fields},
