@@ -31,12 +31,14 @@ from raynas.compression.prune_run import PruneJob, finished
 from raynas.compression.pruner import PruneSettings
 from raynas.errors import ConfigError, require
 
+DEV_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearmanr", "exact_match", "exact")  # as the task reports them
 ROWS_SCHEMA = pa.schema([
     ("name", pa.string()), ("method", pa.string()), ("kind", pa.string()), ("target", pa.float64()),
     ("target_fraction", pa.float64()), ("expected_fraction", pa.float64()), ("achieved_fraction", pa.float64()),
     ("params_sparsity", pa.float64()), ("flops_sparsity", pa.float64()), ("encoder_params", pa.int64()),
     ("encoder_flops", pa.int64()), ("params", pa.int64()), ("latency_ms", pa.float64()), ("speedup", pa.float64()),
     ("predicted_speedup", pa.float64()), ("score", pa.float64()), ("delta_score", pa.float64()),
+    *((m, pa.float64()) for m in DEV_METRICS),
     ("heads", pa.list_(pa.int32())), ("ffn", pa.list_(pa.int32())), ("max_abs_diff", pa.float64()),
     ("model_type", pa.string()), ("path", pa.string()), ("train_time_s", pa.float64()), ("status", pa.string()),
     ("error", pa.string()),
@@ -248,6 +250,7 @@ def rows_for(todo: list[PruneJob], errors: dict[str, str], measured: dict[str, d
                                       "encoder_flops", "predicted_speedup", "max_abs_diff", "model_type", "path")},
             "params": m.get("params"), "latency_ms": m.get("latency_ms"), "speedup": m.get("speedup"),
             "score": score, "delta_score": score - reference_score,
+            **{k: float(record["results"][k]) for k in DEV_METRICS if record["results"].get(k) is not None},
             "heads": [layer["heads"] for layer in record["layers"] if layer["op"] == "mha"],
             "ffn": [layer["inner"] for layer in record["layers"] if layer["op"] == "ffn"],
             "train_time_s": record["results"].get("train_time_s"), "status": "ok", "error": None,
