@@ -84,14 +84,19 @@ def load_encoder(model_or_path: ModelRef) -> nn.Module:
     if isinstance(model_or_path, nn.Module):
         return getattr(model_or_path, "base_model", model_or_path)
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     text = str(model_or_path)
     where = resolve_teacher(text, "model")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a task head left out of the base model is expected, not worth a table
     try:
         return AutoModel.from_pretrained(where)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{text}: cannot load with AutoModel ({first})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _prepare(name: str, model_or_path: ModelRef, seq_len: int, batch_size: int, seed: int,
