@@ -53,6 +53,7 @@ def test_a_family_of_targets_runs_as_tune_trials_and_a_rerun_skips_them(setup, t
         assert ((1 / speed["achieved_fraction"] - 1.3).abs() <= 0.026).all()  # the predicted speedup, +-2 %
         assert rows["latency_ms"].gt(0).all() and rows["speedup"].gt(0).all()
         assert (rows["accuracy"] == rows["score"]).all()  # SST-2's dev metric in its own column
+        assert rows["speedup_same_format"].gt(0).all() and (out / "unpruned-raynas" / "config.json").is_file()
         assert all(len(h) == 2 for h in rows["heads"]) and all(len(f) == 2 for f in rows["ffn"])
         for name in ("pruning.md", "report.md", "report.parquet", "score_vs_speedup.png", "latency_fit.parquet"):
             assert (out / name).is_file(), name

@@ -44,7 +44,7 @@ def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
         latency = run.run("latency", {"model": model, **asdict(cfg.latency)}, lambda: _fit_latency(cfg, model, out))
     todo = jobs(cfg, model, latency)
     errors = run_jobs(cfg, todo)
-    measured = _measure(cfg, model, todo)
+    measured = _measure(cfg, model, todo, out)
     ref_row = {**measured.get(model, {}), "score": reference["score"]}
     rows = rows_for(todo, errors, measured, reference["score"])
     return _write(cfg, out, model, rows, ref_row)
@@ -94,16 +94,43 @@ def _fit_latency(cfg: PruneRunConfig, model: str, out: Path) -> dict[str, float]
     return asdict(fitted)
 
 
-def _measure(cfg: PruneRunConfig, model: str, todo: list) -> dict[str, dict[str, Any]]:
-    """Every finished pruned model timed interleaved with the unpruned one: path -> row."""
+def _measure(cfg: PruneRunConfig, model: str, todo: list, out: Path) -> dict[str, dict[str, Any]]:
+    """Every finished pruned model timed interleaved with the unpruned one: path -> row.
+
+    A bert source is also timed as the same unpruned model in the raynas format
+    (``OUT/unpruned-raynas``, written once): the pruned models run raynas' modules,
+    so ``speedup_same_format`` isolates what pruning gained from what the format
+    gains or loses against transformers' BertModel (``speedup``, the user's truth).
+    """
     from raynas.compression.prune_run import finished
     from raynas.evaluation.latency import compare_latency
 
     paths = [r["path"] for r in (finished(j.out_dir) for j in todo) if r is not None]
+    same_format = _raynas_twin(model, out / "unpruned-raynas")
     lat = cfg.latency
-    rows = compare_latency(paths, reference=model, seq_len=lat.seq_len, batch_size=lat.batch_size,
-                           threads=lat.threads, repeats=lat.repeats, device=lat.device)
-    return {r["model"]: r for r in rows}
+    rows = compare_latency(paths + ([str(same_format)] if same_format else []), reference=model,
+                           seq_len=lat.seq_len, batch_size=lat.batch_size, threads=lat.threads,
+                           repeats=lat.repeats, device=lat.device)
+    by_model = {r["model"]: r for r in rows}
+    twin_ms = by_model[str(same_format)]["latency_ms"] if same_format else by_model[model]["latency_ms"]
+    for row in by_model.values():
+        row["speedup_same_format"] = twin_ms / row["latency_ms"]
+    return by_model
+
+
+def _raynas_twin(model: str, folder: Path) -> Path | None:
+    """The unpruned model exported in the raynas format (None when it already is one)."""
+    from transformers import AutoConfig, AutoModel
+
+    from raynas.export import export_model, from_bert
+    from raynas.teachers import resolve_teacher
+
+    where = resolve_teacher(model, "model")
+    if AutoConfig.from_pretrained(where).model_type != "bert":
+        return None
+    if not (folder / "config.json").is_file():
+        export_model(from_bert(AutoModel.from_pretrained(where)), folder, overwrite=True, bert_if_possible=False)
+    return folder
 
 
 def _write(cfg: PruneRunConfig, out: Path, model: str, rows: list[dict[str, Any]],
