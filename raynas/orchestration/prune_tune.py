@@ -139,7 +139,9 @@ def preflight(cfg: PruneRunConfig, split_pending: bool = False) -> None:
     for section in ("train", "finetune"):
         fields = getattr(cfg, section)
         try:
-            validate_config(FinetuneConfig(task=cfg.task, model="-", **{k: v for k, v in fields.items() if k != "data_dir"}))
+            teacher = "-" if section == "train" and cfg.distill else fields.get("teacher")  # jobs distil the source
+            validate_config(FinetuneConfig(task=cfg.task, model="-", teacher=teacher,
+                                           **{k: v for k, v in fields.items() if k not in ("data_dir", "teacher")}))
         except TypeError as exc:
             raise ConfigError(f"{section}: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
     if cfg.squad_proxy is not None:
