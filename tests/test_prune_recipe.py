@@ -27,7 +27,7 @@ def _config(setup: dict[str, Path], out: Path, **extra) -> Path:
     cfg = {"task": "sst2", "model": str(setup["model"]), "data_dir": str(setup["data"]), "out": str(out),
            "targets": [{"kind": "params", "target": 0.4}, {"kind": "speedup", "target": 1.3}],
            "train": {"lr": 1e-3, "epochs": 1, "batch_size": 16, "max_seq_len": 32},
-           "latency": {"seq_len": 32, "repeats": 3, "fit_samples": 8, "fit_repeats": 2}, **extra}
+           "latency": {"seq_len": 32, "repeats": 3, "fit_samples": 8, "fit_repeats": 2, "min_r2": -1e9}, **extra}
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -83,3 +83,11 @@ def test_bad_input_is_one_line_and_exit_2_before_training(setup, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "run" / "jobs").exists()
+
+
+def test_a_poor_latency_fit_stops_the_run_before_any_trial(setup, tmp_path, capsys):
+    latency = {"seq_len": 32, "repeats": 3, "fit_samples": 8, "fit_repeats": 2, "min_r2": 1.01}  # unreachable
+    assert main(["prune", "--config", str(_config(setup, tmp_path / "run", latency=latency))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "latency.min_r2: the latency model explains the timings poorly" in err[-1]
+    assert (tmp_path / "run" / "latency_fit.parquet").is_file() and not (tmp_path / "run" / "jobs").exists()

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from raynas.errors import ConfigError
 from raynas.orchestration.prune_tune import PruneRunConfig, jobs, preflight, pruning_markdown, rows_for, run_jobs
 
 STAGES = ["split", "finetune", "reference", "latency", "prune", "measure"]
@@ -91,6 +92,10 @@ def _fit_latency(cfg: PruneRunConfig, model: str, out: Path) -> dict[str, float]
                   out / "latency_fit.parquet")
     print(f"prune: latency model fitted on {len(measured)} timings (R^2 {fitted.r2:.3f}): {fitted}",
           file=sys.stderr, flush=True)
+    if not fitted.r2 >= lat.min_r2:
+        raise ConfigError(f"latency.min_r2: the latency model explains the timings poorly (R^2 {fitted.r2:.3f} < "
+                          f"{lat.min_r2}; {out / 'latency_fit.parquet'}): the machine is busy or noisy. Rerun when it "
+                          "is quiet, raise latency.fit_repeats, or give params / flops targets")
     return asdict(fitted)
 
 

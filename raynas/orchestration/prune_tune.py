@@ -63,6 +63,7 @@ class LatencySettings:
     repeats: int = 20
     fit_samples: int = 24  # pruned shapes timed for the latency model (speedup targets)
     fit_repeats: int = 10
+    min_r2: float = 0.9  # a poorer fit (a busy or noisy machine) stops the run instead of steering to wrong speedups
 
 
 @dataclass
