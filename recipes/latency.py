@@ -43,10 +43,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or value != value else format(value, spec)
-
-
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     cfg = load_config(LatencyConfig, args.config, args.overrides)
@@ -64,6 +60,8 @@ def main(argv: Sequence[str]) -> int:
     predictor = build_latency_predictor(space, out, config=cfg, supernet_config=supernet_config,
                                         runner=runner_from_config(cfg))
 
+    from raynas.evaluation.report import fmt_number
+
     noise = predictor.metrics.get("noise_mape")
     norm = ", normalized by the reference of each chunk" if predictor.settings["normalized"] else ""
     print(f"latency predictor for space {space.name!r}: batch {cfg.batch_size}, seq_len {cfg.seq_len}, "
@@ -72,8 +70,8 @@ def main(argv: Sequence[str]) -> int:
     print(f"{'model':<14} {'MAPE %':>8} {'RMSE ms':>9} {'tau':>6} {'noise MAPE %':>13}")
     for kind, m in predictor.candidates.items():
         mark = " (kept)" if kind == predictor.kind else ""
-        print(f"{kind:<14} {_fmt(m['mape'], '8.2f')} {_fmt(m['rmse_ms'], '9.3f')} {_fmt(m['kendall_tau'], '6.3f')} "
-              f"{_fmt(noise, '13.2f')}{mark}")
+        print(f"{kind:<14} {fmt_number(m['mape'], '8.2f')} {fmt_number(m['rmse_ms'], '9.3f')} "
+              f"{fmt_number(m['kendall_tau'], '6.3f')} {fmt_number(noise, '13.2f')}{mark}")
     if predictor.reference_ms is not None:
         print(f"reference {predictor.reference}: {predictor.reference_ms:.2f} ms")
     print(f"dataset {out / DATA_FILE}\npredictor {out / PREDICTOR_DIR}\nreport {out / REPORT_FILE}")

@@ -35,8 +35,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from raynas.compression.removal import base_model, spec_of
 from raynas.errors import ConfigError
 from raynas.models.modeling_raynas import RaynasAttention, RaynasFeedForward
+from raynas.spaces.ops import MHA
 
 LIMIT_L, LIMIT_R, BETA = -0.1, 1.1, 2.0 / 3.0
 _EPS = 1e-6
@@ -66,16 +68,8 @@ class HardConcrete(nn.Module):
 
 def gated_layers(model: nn.Module) -> dict[int, nn.Module]:
     """Op-layer index -> module for every MHA / FFN op-layer with units to gate (empty blocks excluded)."""
-    layers = _layers(model)
+    layers = base_model(model)[0].layers
     return {i: m for i, m in enumerate(layers) if isinstance(m, (RaynasAttention, RaynasFeedForward))}
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "raynas", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"gates: {type(model).__name__} is not a raynas model (convert it with raynas.export.from_bert)")
-    return layers
 
 
 class Gates(nn.Module):
@@ -125,10 +119,6 @@ class Gates(nn.Module):
 
     def unfix(self) -> None:
         self._fixed = None
-
-    @property
-    def fixed(self) -> tuple[dict[int, Tensor], dict[int, float]] | None:
-        return self._fixed
 
     def _value(self, i: int, training: bool) -> tuple[Tensor, Tensor | float]:
         if self._fixed is not None:
@@ -183,4 +173,5 @@ _KIND_TYPES = {"mha": RaynasAttention, "ffn": RaynasFeedForward}
 
 
 def _unit_count(module: nn.Module) -> int:
-    return module.spec.heads if isinstance(module, RaynasAttention) else module.intermediate.out_features
+    spec = spec_of(module)
+    return spec.heads if isinstance(spec, MHA) else spec.inner

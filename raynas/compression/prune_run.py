@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -31,6 +32,8 @@ from raynas.compression.targets import LatencyModel, analytic_cost, kept_counts
 from raynas.models.configuration_raynas import RaynasConfig
 from raynas.spaces.ops import FFN, MHA
 
+LATENCY_FIT_SCHEMA = pa.schema([("shape", pa.int32()), ("heads", pa.int32()), ("ffn", pa.int32()),
+                                ("latency_ms", pa.float64()), ("predicted_ms", pa.float64())])
 RECORD = "prune.json"
 MODEL_DIR = "model"
 CHECKPOINT_EVERY = 50  # steps; train.checkpoint_every overrides (0: none)
@@ -89,7 +92,7 @@ def run_prune_job(job: PruneJob, on_eval: Callable[[dict], None] | None = None) 
     diff = max_output_diff(gated, removed, seed=cfg.seed)
     tokenizer = _tokenizer(model_dir)
     exported = export_model(removed, Path(job.out_dir) / MODEL_DIR, tokenizer, overwrite=True)
-    full = source_config(model_dir)
+    full = gated.config  # the unpruned model, gated: its config is the source's
     kept = kept_counts(pruner.masks or {})
     params_cost, flops_cost = analytic_cost(full, "params"), analytic_cost(full, "flops", settings.flops_seq_len)
     record = {
@@ -172,9 +175,10 @@ def fit_latency_model(model_dir: str, samples: int = 24, seq_len: int = 128, bat
 
     full = source_config(model_dir)
     shapes = pruned_shapes(full, samples, seed)
+    reference = RaynasModel(full)  # timed in every group, built once
     configs, ms = [], []
     for begin in range(0, len(shapes), group):
-        named = [("full", RaynasModel(full))] + [(f"shape-{begin + k}", RaynasModel(c))
+        named = [("full", reference)] + [(f"shape-{begin + k}", RaynasModel(c))
                                                   for k, c in enumerate(shapes[begin:begin + group])]
         rows = measure_modules(named, seq_len, batch_size, threads, repeats=repeats, seed=seed, device=device)
         configs += [full] + shapes[begin:begin + group]

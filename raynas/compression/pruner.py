@@ -92,7 +92,6 @@ class Pruner:
         self.masks: dict[int, Tensor] | None = None  # the fixed mask, once phase 2 starts
         self._expected = float("nan")
         self.expected_at_fix = float("nan")  # E[remaining fraction] when the mask was fixed (l0)
-        self._mask_before_eval: Any = None
 
     # ---- TrainingHooks ----------------------------------------------------------------------
     def prepare(self, model: nn.Module, total_steps: int, device: torch.device) -> nn.Module:
@@ -103,7 +102,7 @@ class Pruner:
         s = self.settings
         self.cost = cost_model(s, model.config, self.latency)
         self.fraction = target_fraction(s.kind, s.target, self.cost)
-        self.total, self.step = total_steps, 0
+        self.step = 0
         self.prune_steps = 0 if s.method == "magnitude" else max(1, round(s.prune_fraction * total_steps))
         self.warmup_steps = round(s.warmup_fraction * total_steps)
         self.gates = Gates(model, s.block_gates, s.droprate_init).to(device)

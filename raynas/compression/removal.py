@@ -55,7 +55,7 @@ __all__ = ["layer_sizes", "magnitude_scores", "remove_pruned"]
 
 
 # ---- helpers -----------------------------------------------------------------------------
-def _base(model: nn.Module) -> tuple[RaynasModel, str]:
+def base_model(model: nn.Module) -> tuple[RaynasModel, str]:
     """The ``RaynasModel`` inside ``model`` and its parameter-name prefix (``""`` or ``"raynas."``)."""
     if isinstance(model, RaynasModel):
         return model, ""
@@ -68,7 +68,7 @@ def _base(model: nn.Module) -> tuple[RaynasModel, str]:
     )
 
 
-def _spec_of(layer: nn.Module) -> OpSpec:
+def spec_of(layer: nn.Module) -> OpSpec:
     """The op spec of one op-layer module, read from the module itself."""
     if isinstance(layer, RaynasAttention):
         return layer.spec
@@ -89,7 +89,7 @@ def _gated_layer(layers: nn.ModuleList, index: Any, what: str) -> RaynasAttentio
     layer = layers[index]
     if not isinstance(layer, (RaynasAttention, RaynasFeedForward)):
         raise ConfigError(
-            f"{what}[{index}]: op-layer {index} is {type(layer).__name__} ({_spec_of(layer)}); only MHA "
+            f"{what}[{index}]: op-layer {index} is {type(layer).__name__} ({spec_of(layer)}); only MHA "
             f"(RaynasAttention) and FFN (RaynasFeedForward) op-layers are gated"
         )
     return layer
@@ -172,8 +172,8 @@ def layer_sizes(model: nn.Module) -> list[dict[str, Any]]:
     ``{"op": "conv", "kernel": k, "inner": c}``, ``{"op": "id"}``; a fully pruned block shows
     ``heads`` / ``inner`` 0. The list is a valid ``RaynasConfig(layers=...)``.
     """
-    base, _ = _base(model)
-    return [_spec_of(layer).to_dict() for layer in base.layers]
+    base, _ = base_model(model)
+    return [spec_of(layer).to_dict() for layer in base.layers]
 
 
 @torch.no_grad()
@@ -187,7 +187,7 @@ def magnitude_scores(model: nn.Module) -> dict[int, Tensor]:
     :func:`remove_pruned`'s ``units``); values: float32 vectors ``[heads]`` / ``[inner]`` on the
     model's device. Pruned-away (empty) blocks, conv and identity op-layers have no entry.
     """
-    base, _ = _base(model)
+    base, _ = base_model(model)
     scores: dict[int, Tensor] = {}
     for i, layer in enumerate(base.layers):
         if isinstance(layer, RaynasAttention):
@@ -226,7 +226,7 @@ def remove_pruned(
     Raises ConfigError for a non-raynas model, a key that is not an MHA / FFN op-layer
     index, a gate vector of the wrong length, or a value outside [0, 1].
     """
-    base, prefix = _base(model)
+    base, prefix = base_model(model)
     block = dict(block or {})
     gated = [*units, *(k for k in block if k not in units)]
     folded: dict[int, tuple[OpSpec, dict[str, Tensor]]] = {}
@@ -237,7 +237,7 @@ def remove_pruned(
         b = _block_of(block[i], i) if i in block else 1.0
         folded[i] = _fold_mha(layer, z, b) if isinstance(layer, RaynasAttention) else _fold_ffn(layer, z, b)
 
-    ops = [folded[i][0] if i in folded else _spec_of(layer) for i, layer in enumerate(base.layers)]
+    ops = [folded[i][0] if i in folded else spec_of(layer) for i, layer in enumerate(base.layers)]
     raw = model.config.to_dict()
     raw["layers"] = [op.to_dict() for op in ops]
     config = RaynasConfig.from_dict(raw)

@@ -217,9 +217,3 @@ def project(scores: Mapping[int, Tensor], cost: CostModel, fraction: float) -> d
 def kept_counts(masks: Mapping[int, Tensor]) -> dict[int, int]:
     return {i: int(m.sum()) for i, m in masks.items()}
 
-
-def describe_fraction(kind: str, fraction: float) -> str:
-    """How a remaining fraction reads for a target kind (for logs and tables)."""
-    if kind == "speedup":
-        return f"{1.0 / fraction:.2f}x predicted" if fraction > 0 else "inf"
-    return f"{100.0 * (1.0 - fraction):.1f}% {kind} removed"

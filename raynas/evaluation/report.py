@@ -140,7 +140,8 @@ def report_schema(tasks: Sequence[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _fmt(value: float, spec: str, suffix: str = "") -> str:
+def fmt_number(value: float | None, spec: str, suffix: str = "") -> str:
+    """A number for a table; None and nan read '-'."""
     return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
 
 
@@ -161,9 +162,9 @@ def _markdown(table: list[dict[str, Any]], tasks: Sequence[str], title: str, ref
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         name = row["model"] + (REFERENCE_MARK if reference is not None and row["model"] == str(reference) else "")
-        cells = [name.replace("|", "\\|"), f"{row['params'] / 1e6:.1f}", _fmt(row["latency_ms"], ".1f"),
-                 _fmt(row["speedup"], ".2f", "x")]
-        cells += [_fmt(row.get(t, math.nan), ".1f") for t in [*tasks, *averages]]
+        cells = [name.replace("|", "\\|"), f"{row['params'] / 1e6:.1f}", fmt_number(row["latency_ms"], ".1f"),
+                 fmt_number(row["speedup"], ".2f", "x")]
+        cells += [fmt_number(row.get(t, math.nan), ".1f") for t in [*tasks, *averages]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", _averages_line(with_cola, no_cola, tasks)]
     if reference is not None:

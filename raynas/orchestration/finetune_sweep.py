@@ -116,8 +116,8 @@ def _trial(config: dict[str, Any]) -> None:
     cfg = FinetuneConfig(**{k: v for k, v in config.items() if k in _finetune_fields()})
     cfg.device = trial_device(cfg.device, ray.get_gpu_ids())
     on_gpu = {"cuda": int(cfg.device.startswith("cuda"))}  # Tune metrics are numbers; the row names the device
-    result = finetune(cfg, on_eval=lambda r: tune.report({**_numeric(r), **on_gpu}))
-    tune.report({**_numeric(result), **on_gpu, "final": 1})
+    result = finetune(cfg, on_eval=lambda r: tune.report({**numeric_metrics(r), **on_gpu}))
+    tune.report({**numeric_metrics(result), **on_gpu, "final": 1})
 
 
 def trial_device(requested: str, gpu_ids: list[Any]) -> str:
@@ -133,7 +133,7 @@ def trial_device(requested: str, gpu_ids: list[Any]) -> str:
     return "cuda" if gpu_ids else "cpu"
 
 
-def _numeric(result: dict[str, Any]) -> dict[str, float]:
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     """Tune metrics must be numbers; names and paths live in the trial config."""
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 

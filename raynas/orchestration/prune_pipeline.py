@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from raynas.compression.prune_run import LATENCY_FIT_SCHEMA, finished
 from raynas.errors import ConfigError
 from raynas.orchestration.prune_tune import PruneRunConfig, jobs, preflight, pruning_markdown, rows_for, run_jobs
 
@@ -45,9 +46,10 @@ def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
         latency = run.run("latency", {"model": model, **asdict(cfg.latency)}, lambda: _fit_latency(cfg, model, out))
     todo = jobs(cfg, model, latency)
     errors = run_jobs(cfg, todo)
-    measured = _measure(cfg, model, todo, out)
+    records = {job.name: finished(job.out_dir) for job in todo}  # None: the job did not finish
+    measured = _measure(cfg, model, [r["path"] for r in records.values() if r is not None], out)
     ref_row = {**measured.get(model, {}), "score": reference["score"]}
-    rows = rows_for(todo, errors, measured, reference["score"])
+    rows = rows_for(todo, records, errors, measured, reference["score"])
     return _write(cfg, out, model, rows, ref_row)
 
 
@@ -85,11 +87,7 @@ def _fit_latency(cfg: PruneRunConfig, model: str, out: Path) -> dict[str, float]
     lat = cfg.latency
     fitted, measured = fit_latency_model(model, lat.fit_samples, lat.seq_len, lat.batch_size, lat.threads,
                                          lat.fit_repeats, device=lat.device)
-    import pyarrow as pa
-
-    write_parquet(to_table(measured, pa.schema([("shape", pa.int32()), ("heads", pa.int32()), ("ffn", pa.int32()),
-                                                ("latency_ms", pa.float64()), ("predicted_ms", pa.float64())])),
-                  out / "latency_fit.parquet")
+    write_parquet(to_table(measured, LATENCY_FIT_SCHEMA), out / "latency_fit.parquet")
     print(f"prune: latency model fitted on {len(measured)} timings (R^2 {fitted.r2:.3f}): {fitted}",
           file=sys.stderr, flush=True)
     if not fitted.r2 >= lat.min_r2:
@@ -99,7 +97,7 @@ def _fit_latency(cfg: PruneRunConfig, model: str, out: Path) -> dict[str, float]
     return asdict(fitted)
 
 
-def _measure(cfg: PruneRunConfig, model: str, todo: list, out: Path) -> dict[str, dict[str, Any]]:
+def _measure(cfg: PruneRunConfig, model: str, paths: list[str], out: Path) -> dict[str, dict[str, Any]]:
     """Every finished pruned model timed interleaved with the unpruned one: path -> row.
 
     A bert source is also timed as the same unpruned model in the raynas format
@@ -107,10 +105,8 @@ def _measure(cfg: PruneRunConfig, model: str, todo: list, out: Path) -> dict[str
     so ``speedup_same_format`` isolates what pruning gained from what the format
     gains or loses against transformers' BertModel (``speedup``, the user's truth).
     """
-    from raynas.compression.prune_run import finished
     from raynas.evaluation.latency import compare_latency
 
-    paths = [r["path"] for r in (finished(j.out_dir) for j in todo) if r is not None]
     same_format = _raynas_twin(model, out / "unpruned-raynas")
     lat = cfg.latency
     rows = compare_latency(paths + ([str(same_format)] if same_format else []), reference=model,

@@ -196,17 +196,13 @@ def _trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from raynas.compression.prune_run import run_prune_job
-    from raynas.orchestration.finetune_sweep import trial_device
+    from raynas.orchestration.finetune_sweep import numeric_metrics, trial_device
 
     job = PruneJob(**config["job"])
     job.train = {**job.train, "device": trial_device(job.train.get("device", "auto"), ray.get_gpu_ids()),
                  "threads": job.train.get("threads") or max(1, int(config["cpus"]))}
-    record = run_prune_job(job, on_eval=lambda r: tune.report(_numeric(r)))
-    tune.report({**_numeric(record["results"]), "achieved_fraction": record["achieved_fraction"], "final": 1})
-
-
-def _numeric(result: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    record = run_prune_job(job, on_eval=lambda r: tune.report(numeric_metrics(r)))
+    tune.report({**numeric_metrics(record["results"]), "achieved_fraction": record["achieved_fraction"], "final": 1})
 
 
 def run_jobs(cfg: PruneRunConfig, todo: list[PruneJob]) -> dict[str, str]:
@@ -235,11 +231,12 @@ def run_jobs(cfg: PruneRunConfig, todo: list[PruneJob]) -> dict[str, str]:
 
 
 # ---- rows and report -------------------------------------------------------------------------
-def rows_for(todo: list[PruneJob], errors: dict[str, str], measured: dict[str, dict[str, Any]],
-             reference_score: float) -> list[dict[str, Any]]:
+def rows_for(todo: list[PruneJob], records: dict[str, dict[str, Any] | None], errors: dict[str, str],
+             measured: dict[str, dict[str, Any]], reference_score: float) -> list[dict[str, Any]]:
+    """One row per job from its record (None: it did not finish) and its measured latency."""
     rows = []
     for job in todo:
-        record = finished(job.out_dir)
+        record = records.get(job.name)
         if record is None:
             rows.append({"name": job.name, "method": job.settings.get("method"), "kind": job.settings.get("kind"),
                          "target": job.settings.get("target"), "status": "error",
@@ -264,12 +261,14 @@ def rows_for(todo: list[PruneJob], errors: dict[str, str], measured: dict[str, d
 
 def pruning_markdown(rows: list[dict[str, Any]], reference: dict[str, Any], title: str, task: str) -> str:
     """The per-target table: what was asked, what was achieved, what it costs and scores."""
+    from raynas.evaluation.report import fmt_number
+
     scale = 1.0 if task.startswith("squad") else 100.0
     head = ("| job | method | target | achieved | params sparsity | FLOPs sparsity | latency (ms) | speedup "
             "(measured / same format / predicted) | score | vs unpruned | gated vs removed |")
     lines = [f"# {title}", "", head, "|" + "---|" * 11,
              f"| unpruned | - | - | - | 0.0% | 0.0% | {reference.get('latency_ms', math.nan):.1f} | 1.00x / "
-             f"{_num(reference.get('speedup_same_format'), '.2f')}x | {scale * reference['score']:.2f} | - | - |"]
+             f"{fmt_number(reference.get('speedup_same_format'), '.2f')}x | {scale * reference['score']:.2f} | - | - |"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | {r['method']} | {r['target']:g} | failed: {r['error']} |" + " |" * 7)
@@ -279,8 +278,8 @@ def pruning_markdown(rows: list[dict[str, Any]], reference: dict[str, Any], titl
                     else f"{100 * (1 - r['achieved_fraction']):.1f}% {r['kind']}")
         pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else "-"
         lines.append(f"| {r['name']} | {r['method']} | {asked} | {achieved} | {100 * r['params_sparsity']:.1f}% | "
-                     f"{100 * r['flops_sparsity']:.1f}% | {_num(r['latency_ms'], '.1f')} | "
-                     f"{_num(r['speedup'], '.2f')}x / {_num(r.get('speedup_same_format'), '.2f')}x / {pred} | "
+                     f"{100 * r['flops_sparsity']:.1f}% | {fmt_number(r['latency_ms'], '.1f')} | "
+                     f"{fmt_number(r['speedup'], '.2f')}x / {fmt_number(r.get('speedup_same_format'), '.2f')}x / {pred} | "
                      f"{scale * r['score']:.2f} | "
                      f"{scale * r['delta_score']:+.2f} | {r['max_abs_diff']:.1e} |")
     lines += ["", "achieved: the remaining size of the exported model against the target's measure (sparsity = 1 - "
@@ -289,7 +288,3 @@ def pruning_markdown(rows: list[dict[str, Any]], reference: dict[str, Any], titl
               "raynas' modules (what the latency model was fitted on). gated vs removed: the largest difference between "
               "the gated model's and the exported model's outputs on a padded batch."]
     return "\n".join(lines) + "\n"
-
-
-def _num(value: Any, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
