@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,8 @@ import yaml
 from test_finetune import _bert_dir, _write_sst2
 
 from raynas.cli import main
+from raynas.compression.prune_run import source_config
+from raynas.compression.targets import LatencyModel
 from raynas.evaluation.finetune import FinetuneConfig, finetune
 
 
@@ -50,7 +53,14 @@ def test_a_family_of_targets_runs_as_tune_trials_and_a_rerun_skips_them(setup, t
         params = rows[rows["kind"] == "params"]
         assert ((params["params_sparsity"] - 0.4).abs() <= 0.02).all()
         speed = rows[rows["kind"] == "speedup"]
-        assert ((1 / speed["achieved_fraction"] - 1.3).abs() <= 0.026).all()  # the predicted speedup, +-2 %
+        # the projection's guarantee: never slower than asked, short of it by at most one unit (or block) step of
+        # the fitted cost model; on this tiny model latency is mostly per-block, so steps are coarse
+        lat = LatencyModel(**json.loads((out / "stages.json").read_text())["latency"]["summary"])
+        cost = lat.cost_model(source_config(str(setup["root"] / "ft")))
+        step = max(c.slope + c.on for c in cost.layers.values()) / cost.full
+        asked = speed["target_fraction"]
+        assert (speed["achieved_fraction"] <= asked + 1e-9).all()
+        assert (asked - speed["achieved_fraction"] <= step + 1e-9).all()
         assert rows["latency_ms"].gt(0).all() and rows["speedup"].gt(0).all()
         assert (rows["accuracy"] == rows["score"]).all()  # SST-2's dev metric in its own column
         assert rows["speedup_same_format"].gt(0).all() and (out / "unpruned-raynas" / "config.json").is_file()
