@@ -44,6 +44,7 @@ from raynas.evaluation import qa_features
 from raynas.evaluation.finetune_state import CHECKPOINT, Resume, TrainingHooks, injected_fault, load_state, save_state
 from raynas.evaluation.metrics import glue_metrics, primary_metric
 from raynas.evaluation.task_data import TaskData, collate_fn, load_data
+from raynas.evaluation.task_models import check_positions, load_tokenizer, task_model_for, tokenizer_for
 from raynas.evaluation.tasks import Task, get_task
 from raynas.teachers import resolve_teacher
 from raynas.training.objectives import HiddenDistillation, logits_distillation, score_distillation, span_distillation
@@ -122,18 +123,49 @@ def evaluate_only(cfg: FinetuneConfig) -> dict[str, Any]:
     as the pruned models, so their difference is the pruning's and nothing else.
     """
     task = validate_config(cfg)
-    placement = Placement.resolve(cfg.device, cfg.precision)
     model_dir = resolve_teacher(cfg.model, "model")
-    tokenizer = _load_tokenizer("model", model_dir)
-    model = _load_task_model("model", model_dir, task, as_teacher=True).to(placement.device)
+    return evaluate_module(cfg, task_model_for("model", model_dir, task, as_teacher=True))
+
+
+def evaluate_module(cfg: FinetuneConfig, model: nn.Module, tokenizer: Any = None,
+                    outputs: list[Any] | None = None) -> dict[str, Any]:
+    """``evaluate_only`` for a model already in memory (``cfg.model`` then only names the tokenizer).
+
+    For what is not a folder of fp32 weights: an ONNX Runtime int8 session behind
+    an ``nn.Module`` face, a model whose weights were quantized in place. Any
+    module whose call takes the tokenized batch and returns ``.logits`` (or
+    ``.start_logits`` / ``.end_logits``) is scored exactly as a fine-tuned folder is.
+    ``outputs``, when given, receives the per-example outputs in eval-row order (to
+    check that a saved and reloaded model predicts what the one in memory did).
+    """
+    task = validate_config(cfg)
+    placement = Placement.resolve(cfg.device, cfg.precision)
+    if tokenizer is None:
+        tokenizer = tokenizer_for("model", resolve_teacher(cfg.model, "model"))
+    model = model.to(placement.device)
     data = load_data(replace(cfg, max_train_samples=1), task, tokenizer)  # the train split is not needed
     started = time.perf_counter()
-    metrics = _evaluate(model, task, data, collate_fn(tokenizer.pad_token_id or 0), cfg.batch_size, placement)
+    metrics = _evaluate(model, task, data, collate_fn(tokenizer.pad_token_id or 0), cfg.batch_size, placement,
+                        outputs)
     return {**metrics, "score": metrics[primary_metric(task.name)], "eval_samples": data.eval_samples,
             "eval_time_s": round(time.perf_counter() - started, 3)}
 
 
-# ---- input checks and loading ----------------------------------------------------------------
+def calibration_batches(cfg: FinetuneConfig, samples: int) -> list[dict[str, Tensor]]:
+    """``samples`` seeded rows of the *train* split, tokenized and collated in ``cfg.batch_size`` batches.
+
+    What a method measures sensitivity on (mixed precision): never the dev rows the
+    table then reports, so the choice is not fitted to the score it is judged by.
+    Labels are dropped: the batches are model inputs only.
+    """
+    task = validate_config(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_data(replace(cfg, max_train_samples=samples, max_eval_samples=1), task, tokenizer)
+    collate = collate_fn(tokenizer.pad_token_id or 0)
+    rows = [{k: v for k, v in row.items() if k not in LABEL_KEYS} for row in data.train]
+    return [collate(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+
+
 def validate_config(cfg: FinetuneConfig) -> Task:
     """Every field checked before anything loads; the message names the field."""
     require(cfg.lr > 0, f"lr: expected a positive learning rate, got {cfg.lr!r}")
@@ -162,84 +194,19 @@ def validate_config(cfg: FinetuneConfig) -> Task:
     return task
 
 
-def _load_tokenizer(field: str, where: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{field} {where!r}: cannot load its tokenizer ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _load_task_model(field: str, where: str, task: Task, as_teacher: bool) -> nn.Module:
-    """The task model; a student's head may start fresh (noted on stderr), a teacher's may not."""
-    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    kwargs: dict[str, Any] = {}
-    if task.kind == "extractive_qa":
-        auto: Any = AutoModelForQuestionAnswering
-        kwargs["num_labels"] = 2  # BertForQuestionAnswering sizes qa_outputs by num_labels
-    else:
-        auto = AutoModelForSequenceClassification
-        kwargs["problem_type"] = "regression" if task.kind == "regression" else "single_label_classification"
-        if as_teacher:
-            try:
-                have = AutoConfig.from_pretrained(where).num_labels
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"{field} {where!r}: cannot read its config ({_first_line(exc)})") from None
-            require(have == task.num_labels, f"{field}: {where} has {have} label(s); task {task.name} needs "
-                                             f"{task.num_labels} (a teacher must be fine-tuned on the same task)")
-        else:
-            kwargs.update(num_labels=task.num_labels, ignore_mismatched_sizes=True)
-            if task.label_names:
-                kwargs["id2label"] = dict(enumerate(task.label_names))
-                kwargs["label2id"] = {name: i for i, name in enumerate(task.label_names)}
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # our one-line note replaces the load report
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = auto.from_pretrained(where, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"{field} {where!r}: cannot load a {task.kind} model ({_first_line(exc)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    fresh = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
-    if as_teacher:
-        require(not fresh, f"{field}: {where} has no trained {task.kind} head (missing {', '.join(fresh[:4])}); "
-                           f"fine-tune the teacher on {task.name} first")
-    elif fresh:
-        print(f"note: {field} {where}: {len(fresh)} task-head tensor(s) start fresh", file=sys.stderr, flush=True)
-    return model
-
-
 def _load_teacher(cfg: FinetuneConfig, task: Task, where: str, tokenizer: Any) -> nn.Module:
     """The frozen teacher; it must read the same token ids as the student."""
-    teacher = _load_task_model("teacher", where, task, as_teacher=True)
+    teacher = task_model_for("teacher", where, task, as_teacher=True)
     if (Path(where) / "tokenizer_config.json").is_file() or (Path(where) / "tokenizer.json").is_file():
-        require(_load_tokenizer("teacher", where).get_vocab() == tokenizer.get_vocab(),
+        require(tokenizer_for("teacher", where).get_vocab() == tokenizer.get_vocab(),
                 f"teacher: {where} has a different vocabulary from the model's (both must read the same ids)")
-    _check_positions("teacher", teacher, cfg.max_seq_len)
+    check_positions("teacher", teacher, cfg.max_seq_len)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-def _check_positions(field: str, model: nn.Module, max_seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    require(limit is None or max_seq_len <= limit,
-            f"max_seq_len: {max_seq_len} exceeds the {field}'s max_position_embeddings ({limit})")
-
-
-# ---- training -------------------------------------------------------------------------------
 class _Objective(nn.Module):
     """The training loss: the task loss, plus the distillation terms when there is a teacher."""
 
@@ -303,9 +270,9 @@ def _seed(seed: int) -> None:
 def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | None, placement: Placement,
          on_eval: Callable[[dict], None] | None, hooks: TrainingHooks | None = None) -> dict[str, Any]:
     _seed(cfg.seed)
-    tokenizer = _load_tokenizer("model", model_dir)
-    model = _load_task_model("model", model_dir, task, as_teacher=False)
-    _check_positions("model", model, cfg.max_seq_len)
+    tokenizer = tokenizer_for("model", model_dir)
+    model = task_model_for("model", model_dir, task, as_teacher=False)
+    check_positions("model", model, cfg.max_seq_len)
     teacher = _load_teacher(cfg, task, teacher_dir, tokenizer) if teacher_dir is not None else None
     data = load_data(cfg, task, tokenizer)
     collate = collate_fn(tokenizer.pad_token_id or 0)
@@ -440,9 +407,11 @@ def _predict(model: nn.Module, rows: list[dict[str, Any]], collate: Callable, ba
 
 
 def _evaluate(model: nn.Module, task: Task, data: TaskData, collate: Callable, batch_size: int,
-              placement: Placement) -> dict[str, float]:
+              placement: Placement, keep: list[Any] | None = None) -> dict[str, float]:
     qa = task.kind == "extractive_qa"
     outputs = _predict(model, data.eval_inputs, collate, 2 * batch_size, qa, placement)
+    if keep is not None:
+        keep.extend(outputs)
     if not qa:
         return {k: float(v) for k, v in glue_metrics(task.name, np.stack(outputs), data.eval_labels).items()}
     assert data.eval_examples is not None and data.eval_qa is not None
