@@ -95,7 +95,7 @@ def fake_quant_activation(x: Tensor, bits: int = 8) -> Tensor:
     return deq.to(x.dtype) + (x - x.detach())
 
 
-def kmeans_encode(w: Tensor, bits: int, mask: Tensor | None = None, iters: int = 30) -> Encoded:
+def kmeans_encode(w: Tensor, bits: int, mask: Tensor | None = None, iters: int = 100) -> Encoded:
     """2^bits shared values for ``w``: 1-D Lloyd on the kept entries from centroids spaced linearly min..max.
 
     The kept values are sorted once; every cluster of sorted centroids is then a
@@ -144,7 +144,7 @@ def _pays(kept: Tensor, bits: int) -> bool:
 
 
 def encode_weights(model: nn.Module, scheme: str, bits: int | dict[str, int], embeddings: bool = True,
-                   iters: int = 30) -> dict[str, Encoded]:
+                   iters: int = 100) -> dict[str, Encoded]:
     """Post-training encodings of every compressible weight (``bits`` per module name for a plan; missing: fp32).
 
     Pruned weights keep their zeros (:func:`zero_mask`).
@@ -317,7 +317,7 @@ class KMeansSettings:
     """k-means weight sharing; ``bits`` one width or a per-module plan (missing modules stay fp32)."""
 
     bits: int | dict[str, int] = 4
-    iters: int = 30
+    iters: int = 100
     embeddings: bool = True
     train_codebook: bool = True
     keep_zeros: bool = True  # a pruned weight's zeros stay zeros (masked; see the module doc)

@@ -34,7 +34,7 @@ def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
     model = cfg.model
     if cfg.finetune_from is not None:
         ft = {"finetune_from": cfg.finetune_from, "task": cfg.task, **cfg.finetune}
-        model = run.run("finetune", ft, lambda: _finetune_first(cfg, out / "finetuned"))
+        model = run.run("finetune", ft, lambda: finetune_first(cfg, out / "finetuned"))
     assert model is not None
     model = str(Path(model).resolve()) if Path(model).exists() else model  # trials run elsewhere (Ray's cwd)
     eval_fields = {k: v for k, v in cfg.train.items() if k in ("max_seq_len", "doc_stride", "max_eval_samples",
@@ -62,7 +62,7 @@ def _split(cfg: PruneRunConfig) -> dict[str, str]:
     return {"train": str(train), "dev": str(dev)}
 
 
-def _finetune_first(cfg: PruneRunConfig, folder: Path) -> str:
+def finetune_first(cfg: PruneRunConfig, folder: Path) -> str:
     from raynas.evaluation.finetune import FinetuneConfig, finetune
 
     data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None

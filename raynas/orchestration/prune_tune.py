@@ -19,7 +19,6 @@ is done and refuses a changed config):
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,38 +195,23 @@ def _trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from raynas.compression.prune_run import run_prune_job
-    from raynas.orchestration.finetune_sweep import numeric_metrics, trial_device
+    from raynas.orchestration.finetune_sweep import numeric_metrics
+    from raynas.orchestration.job_trials import trial_resources
 
-    job = PruneJob(**config["job"])
-    job.train = {**job.train, "device": trial_device(job.train.get("device", "auto"), ray.get_gpu_ids()),
-                 "threads": job.train.get("threads") or max(1, int(config["cpus"]))}
+    job = PruneJob(**trial_resources(config["job"], config["cpus"], ray.get_gpu_ids()))
     record = run_prune_job(job, on_eval=lambda r: tune.report(numeric_metrics(r)))
     tune.report({**numeric_metrics(record["results"]), "achieved_fraction": record["achieved_fraction"], "final": 1})
 
 
 def run_jobs(cfg: PruneRunConfig, todo: list[PruneJob]) -> dict[str, str]:
     """Run the unfinished jobs as Tune trials; job name -> error line for those that failed."""
-    import ray
-    from ray import tune
+    from raynas.orchestration.job_trials import run_job_trials
 
     pending = [j for j in todo if finished(j.out_dir) is None]
     done = len(todo) - len(pending)
     print(f"prune: {len(todo)} job(s), {done} finished earlier, {len(pending)} to run", file=sys.stderr, flush=True)
-    if not pending:
-        return {}
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    trainable = tune.with_resources(_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    space = {"job": tune.grid_search([asdict(j) for j in pending]), "cpus": cfg.cpus_per_trial}
-    tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
-        max_concurrent_trials=cfg.max_concurrent_trials),
-        run_config=tune.RunConfig(name="prune", storage_path=str((Path(cfg.out) / "ray_results").resolve()), verbose=1))
-    errors = {}
-    for result in tuner.fit():
-        if result.error is not None:
-            name = (result.config or {}).get("job", {}).get("name", "?")
-            errors[name] = (str(result.error).strip().splitlines() or [""])[-1][:500]
-    return errors
+    return run_job_trials("prune", _trial, [asdict(j) for j in pending], Path(cfg.out), cfg.cpus_per_trial,
+                          cfg.gpus_per_trial, cfg.max_concurrent_trials)
 
 
 # ---- rows and report -------------------------------------------------------------------------
