@@ -25,6 +25,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "nasbert": ("recipes.nasbert", "NAS-BERT: teacher pairs -> K blocks trained concurrently (Ray actors) and shrunk bin-wise on Ray Tune -> a family by budget"),
     "prune": ("recipes.prune", "structured pruning of a fine-tuned model: L0 gates on heads + FFN, Lagrangian to a params / FLOPs / speedup target, distillation, exact removal; one Ray Tune trial per target"),
     "quantize": ("recipes.quantize", "further compression of a fine-tuned model: int8 (ONNX Runtime / torch / torchao compared), QAT, k-means weight sharing, mixed precision, gradual / block pruning; one Ray Tune trial per variant, bytes + latency + score table"),
+    "pipeline": ("recipes.pipeline", "one family from one teacher: AutoTinyBERT / NAS-BERT family -> task fine-tuning -> L0 pruning -> quantization, and one Pareto table (size, latency, score) across all stages"),
     "evaluate": ("recipes.evaluate", "fine-tune on GLUE / SQuAD as a Ray Tune sweep; family report (size, latency, scores)"),
     "bench": ("recipes.bench", "benchmarks: bench supernet (active path vs extracted step time), bench fitness (shared supernet vs extracting each), bench train (training tokens/s), bench ranking (supernet proxy vs stand-alone ranking), bench search (evolution vs random at equal evaluations)"),
 }

@@ -94,11 +94,11 @@ def make_hooks(method: str, settings: dict[str, Any], name: str = "job") -> Any:
     settings_cls, hooks_cls = kinds[method]
     try:
         parsed = settings_cls(**settings)
-    except TypeError as exc:
-        raise ConfigError(f"{name}.settings: {exc}") from None
-    if hasattr(parsed, "check"):
-        parsed.check()
-    return hooks_cls(parsed)
+        if hasattr(parsed, "check"):
+            parsed.check()
+        return hooks_cls(parsed)
+    except (TypeError, ConfigError) as exc:
+        raise ConfigError(f"{name}.settings: {str(exc).replace(settings_cls.__name__ + '.__init__() ', '')}") from None
 
 
 def runtime_of(job: CompressJob, encoded: dict[str, Encoded]) -> str:
@@ -201,13 +201,11 @@ def run_compress_job(job: CompressJob) -> dict[str, Any]:
         with open(tmp, "wb") as fh:
             np.save(fh, stack_outputs(before))
     total = sum(m.weight.numel() for m in compressible_modules(model).values())
-    linear = [m.weight for m in compressible_modules(model, embeddings=False).values()]
-    zeros = sum(int((w == 0).sum()) for w in linear) / max(sum(w.numel() for w in linear), 1)
     record = {
         "name": job.name, "task": job.task, "source": job.model, "method": job.method, "runtime": runtime,
         "bits": describe_bits(encoded), "payload_bits": int(sum(payload_bits(e) for e in encoded.values())),
         "encoded_weights": int(total), "bytes_on_disk": bytes_on_disk(folder),
-        "sparsity": zeros,  # exact zeros among the encoder's Linear weights (what gradual pruning prunes)
+        "sparsity": pruned_fraction(model, encoded),
         "score": scored["score"], "metrics": {k: v for k, v in scored.items() if k != "score"},
         "max_abs_diff": diff, "path": str(folder.resolve()), "train": results, "extras": extras,
         "job": asdict(job), "wall_s": round(time.perf_counter() - started, 1),
@@ -218,6 +216,14 @@ def run_compress_job(job: CompressJob) -> dict[str, Any]:
           f"{record['bytes_on_disk'] / 1e6:.2f} MB on disk, saved vs in-memory {diff:.2e}; {folder}",
           file=sys.stderr, flush=True)
     return record
+
+
+def pruned_fraction(model: nn.Module, encoded: dict[str, Encoded]) -> float:
+    """The share of the encoder's Linear weights that a mask prunes (what gradual pruning removes; 0 without masks)."""
+    linear = compressible_modules(model, embeddings=False)
+    total = sum(m.weight.numel() for m in linear.values())
+    pruned = sum(e.codes.numel() - e.kept() for n, e in encoded.items() if n in linear and e.mask is not None)
+    return pruned / max(total, 1)
 
 
 def stack_outputs(outputs: list[Any]) -> np.ndarray:

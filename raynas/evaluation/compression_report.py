@@ -31,6 +31,8 @@ SCHEMA = pa.schema([
     ("max_abs_diff", pa.float64()), ("path", pa.string()), ("train_time_s", pa.float64()), ("status", pa.string()),
     ("error", pa.string()),
 ])
+PIPELINE_SCHEMA = pa.schema([("stage", pa.string()), ("params", pa.int64()), ("pareto", pa.bool_()),
+                             *(f for f in SCHEMA)])
 BACKEND_SCHEMA = pa.schema([
     ("backend", pa.string()), ("latency_ms", pa.float64()), ("latency_p90_ms", pa.float64()),
     ("speedup", pa.float64()), ("score", pa.float64()), ("delta_score", pa.float64()), ("bytes", pa.int64()),
@@ -75,6 +77,25 @@ def compression_markdown(rows: Sequence[dict[str, Any]], backends: Sequence[dict
                          f"{b['speedup']:.2f}x | {fmt_number(_times(s, b.get('score')), '.2f')} | "
                          f"{fmt_number(_times(s, b.get('delta_score')), '+.2f')} | "
                          f"{fmt_number(_mb(b.get('bytes')), '.2f', ' MB')} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_markdown(rows: Sequence[dict[str, Any]], title: str, task: str, reference: str) -> str:
+    """One family across stages: every model with its size, latency and score; * marks the Pareto front."""
+    s = _scale(task)
+    lines = [f"# {title}", "", "| | model | stage | bits | runtime | params | bytes on disk | vs reference | latency (ms) | "
+             "speedup | score | vs reference |", "|" + "---|" * 12]
+    for r in rows:
+        size = r.get("size_ratio")
+        lines.append(
+            f"| {'*' if r.get('pareto') else ''} | {r['name']} | {r['stage']} | {r.get('bits') or 'fp32'} | "
+            f"{r['runtime']} | {r['params']:,} | {fmt_number(_mb(r.get('bytes_on_disk')), '.2f', ' MB')} | "
+            f"{'-' if size is None else f'{size:.3f}'} | {fmt_number(r.get('latency_ms'), '.1f')} | "
+            f"{fmt_number(r.get('speedup'), '.2f', 'x')} | {fmt_number(_times(s, r.get('score')), '.2f')} | "
+            f"{fmt_number(_times(s, r.get('delta_score')), '+.2f')} |")
+    lines += ["", f"*: on the Pareto front (no other model is at least as small, as fast and as accurate, and better "
+              f"in one). Reference: {reference}. Latency: base encoder on the model's runtime, batch 1 x 128, all "
+              "models timed interleaved in one process. params: the loaded (dequantized) model's parameter count."]
     return "\n".join(lines) + "\n"
 
 

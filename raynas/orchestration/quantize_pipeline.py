@@ -130,14 +130,20 @@ def _measure(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references: d
         bsr = _block_sparse(record, model)
         if bsr is not None:
             timed.append((f"{name}:bsr", bsr))
+        from raynas.compression.compress_run import pruned_fraction
+        from raynas.compression.packed_format import load_encoded
+
         rows.append({**{k: record[k] for k in ("name", "method", "source", "bits", "runtime", "bytes_on_disk",
-                                                "payload_bits", "sparsity", "max_abs_diff", "path")},
+                                                "payload_bits", "max_abs_diff", "path")},
+                     "sparsity": pruned_fraction(model, load_encoded(record["path"])),  # as stored in the folder
                      "kind": "variant", **check, "score_in_job": record["score"],
                      "train_time_s": (record.get("train") or {}).get("train_time_s"), "status": "ok"})
         print(f"quantize: {name}: reloaded score {check['score']:.4f}, agreement {check['reload_agreement']:.4f}",
               file=sys.stderr, flush=True)
     fp32 = load_task_model(cfg.task, fixed["model"] or "")
-    backend_names = [b for b in cfg.backends if b != "torch_fp32"]
+    from raynas.orchestration.quantize_tune import backends_of
+
+    backend_names = [b for b in backends_of(cfg) if b != "torch_fp32"]
     backend_modules = [(f"backend:{b}", build_backend(b, fp32, out / "backends", "encoder")) for b in backend_names]
     lat = cfg.latency
     measured = measure_modules(timed + backend_modules, lat.seq_len, lat.batch_size, lat.threads,

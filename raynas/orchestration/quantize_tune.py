@@ -49,12 +49,29 @@ class QuantizeRunConfig:
     variants: list[Variant] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields of the trained variants
     distill: bool = True
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))  # int8 backends compared on the model
+    backends: list[str] | None = None  # int8 backends compared on the model (None: all installed; [] none)
     latency: LatencySettings = field(default_factory=LatencySettings)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int | None = None
     title: str = "further compression: pruning and quantization"
+
+
+def torchao_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+def backends_of(cfg: QuantizeRunConfig) -> list[str]:
+    """The backends to compare: as given, or every one installed (torchao is optional)."""
+    if cfg.backends is not None:
+        return list(cfg.backends)
+    chosen = [b for b in BACKENDS if b != "torchao" or torchao_installed()]
+    if "torchao" not in chosen:
+        print("quantize: torchao is not installed: its int8 backend is left out of the comparison",
+              file=sys.stderr, flush=True)
+    return chosen
 
 
 def _train_fields(cfg: QuantizeRunConfig, variant: Variant) -> dict[str, Any]:
@@ -94,7 +111,6 @@ def jobs(cfg: QuantizeRunConfig) -> list[list[CompressJob]]:
 
 def preflight(cfg: QuantizeRunConfig) -> None:
     """Every check that needs no training, in the driver, before Ray starts; one message naming the field."""
-    from raynas.compression.compress_run import make_hooks
     from raynas.evaluation.finetune import FinetuneConfig, validate_config
     from raynas.evaluation.tasks import get_task, load_task_split
 
@@ -102,17 +118,36 @@ def preflight(cfg: QuantizeRunConfig) -> None:
     task = get_task(cfg.task)
     require((cfg.model is None) != (cfg.finetune_from is None),
             "model / finetune_from: give exactly one (a fine-tuned model, or a pre-trained one to fine-tune first)")
-    require(bool(cfg.variants), "variants: give at least one variant (e.g. {name: int8, method: int8})")
-    for b in cfg.backends:
+    for b in cfg.backends or []:
         require(b in BACKENDS, f"backends: unknown backend {b!r} (expected {', '.join(BACKENDS)})")
-    names = [v.name for v in cfg.variants]
-    require(all(names), "variants: every variant needs a name")
-    dupes = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(cfg.extra_models)))
-    require(not dupes, f"variants: the name(s) {', '.join(dupes)} are used twice")
+        require(b != "torchao" or torchao_installed(), "backends: torchao is not installed (pip install torchao, "
+                                                       "or leave it out of backends)")
     for field_name, model in [("model", cfg.model), ("teacher", cfg.teacher), *(
             (f"extra_models.{k}", p) for k, p in cfg.extra_models.items())]:
         if model is not None:
             _check_model(field_name, model, task)
+    check_variants(cfg, shapes=True)
+    if cfg.data_dir is not None:
+        for split in ("train", "validation"):
+            load_task_split(task.name, split, cfg.data_dir)  # names the missing or malformed file
+    if cfg.finetune_from is not None:
+        try:
+            validate_config(FinetuneConfig(task=cfg.task, model="-", **cfg.finetune))
+        except TypeError as exc:
+            raise ConfigError(f"finetune: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
+    _check_writable(Path(cfg.out))
+
+
+def check_variants(cfg: QuantizeRunConfig, shapes: bool) -> None:
+    """The variants' names, methods, sources, settings and train fields; with ``shapes``, against the model's shapes."""
+    from raynas.compression.compress_run import make_hooks
+    from raynas.evaluation.finetune import FinetuneConfig, validate_config
+
+    require(bool(cfg.variants), "variants: give at least one variant (e.g. {name: int8, method: int8})")
+    names = [v.name for v in cfg.variants]
+    require(all(names), "variants: every variant needs a name")
+    dupes = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(cfg.extra_models)))
+    require(not dupes, f"variants: the name(s) {', '.join(dupes)} are used twice")
     for i, v in enumerate(cfg.variants):
         where = f"variants[{i}] ({v.name})"
         require(v.method in METHODS, f"{where}.method: expected one of {', '.join(METHODS)}, got {v.method!r}")
@@ -121,7 +156,7 @@ def preflight(cfg: QuantizeRunConfig) -> None:
                 f"{where}.source: {v.source!r} is neither a variant nor an extra_models name")
         if v.method in ("qat", "kmeans", "sparsify"):
             hooks = make_hooks(v.method, v.settings, f"{where}")  # bits outside the set, sparsity >= 1, ... fail here
-            if v.method == "sparsify":
+            if v.method == "sparsify" and shapes:
                 hooks.settings.check(_meta_model(_root_source(cfg, v)))  # the block must tile every weight
         elif v.method == "mixed":
             _check_mixed(v.settings, where)
@@ -134,15 +169,6 @@ def preflight(cfg: QuantizeRunConfig) -> None:
         except TypeError as exc:
             raise ConfigError(f"{where}.train: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
     jobs(cfg)  # a cycle of sources
-    if cfg.data_dir is not None:
-        for split in ("train", "validation"):
-            load_task_split(task.name, split, cfg.data_dir)  # names the missing or malformed file
-    if cfg.finetune_from is not None:
-        try:
-            validate_config(FinetuneConfig(task=cfg.task, model="-", **cfg.finetune))
-        except TypeError as exc:
-            raise ConfigError(f"finetune: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
-    _check_writable(Path(cfg.out))
 
 
 def _root_source(cfg: QuantizeRunConfig, variant: Variant) -> str:
