@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,7 +196,8 @@ def run_compress_job(job: CompressJob) -> dict[str, Any]:
     eval_cfg = FinetuneConfig(task=job.task, model=model_dir, **{k: v for k, v in job.train.items() if k in (
         "data_dir", "max_seq_len", "batch_size", "max_eval_samples", "eval_split")})
     before: list[Any] = []
-    runner = build_backend(runtime, model, out / "onnx", "task")
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        runner = build_backend(runtime, model, onnx_dir, "task")
     scored = evaluate_module(eval_cfg, runner, tokenizer, outputs=before)
     with atomic_file(out / LOGITS) as tmp:
         with open(tmp, "wb") as fh:

@@ -131,6 +131,7 @@ class OrtModule(nn.Module):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.config = config
         self.path = Path(path)
+        self.file_bytes = self.path.stat().st_size  # the session holds the graph: the file may go after this
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **_: Any) -> Any:
@@ -167,6 +168,9 @@ def torchao_int8(model: nn.Module) -> nn.Module:
 def build_backend(name: str, model: nn.Module, workdir: str | os.PathLike, outputs: str = "task",
                   threads: int | None = None) -> nn.Module:
     """The module that runs ``model`` on backend ``name``; ONNX files go under ``workdir``.
+
+    The session keeps the graph in memory, so ``workdir`` can be a temporary
+    folder removed right after (the graphs are derived artifacts, ~100 MB each).
 
     ``outputs="encoder"`` builds the base encoder (what the latency table times),
     ``"task"`` the whole task model (what the dev metric scores).

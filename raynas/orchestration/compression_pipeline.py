@@ -207,6 +207,8 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[bool]:
 
 def _pareto(cfg: PipelineRunConfig, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Every model timed interleaved on its runtime; bytes; the Pareto front; table, markdown and plot."""
+    import tempfile
+
     from raynas.compression.int8_backends import build_backend
     from raynas.evaluation.compression_report import PIPELINE_SCHEMA, pareto_markdown, plot_size_latency
     from raynas.evaluation.latency import measure_modules
@@ -214,13 +216,14 @@ def _pareto(cfg: PipelineRunConfig, rows: list[dict[str, Any]], out: Path) -> di
     from raynas.tables import to_table, write_parquet
 
     timed = []
-    for r in rows:
+    onnx_dir = tempfile.TemporaryDirectory()  # the sessions hold the graphs; the files go when this closes
+    for i, r in enumerate(rows):
         model = load_task_model(cfg.task, r["path"])
-        timed.append((r["name"], build_backend(r["runtime"], model, Path(r["path"]).parent / "onnx-pareto",
-                                               "encoder")))
+        timed.append((r["name"], build_backend(r["runtime"], model, Path(onnx_dir.name) / str(i), "encoder")))
         weights = Path(r["path"]) / "model.safetensors"
         r["bytes_on_disk"] = weights.stat().st_size if weights.is_file() else None
         r["params"] = sum(p.numel() for p in model.parameters())
+    onnx_dir.cleanup()
     lat = cfg.latency
     measured = {m["name"]: m for m in measure_modules(timed, lat.seq_len, lat.batch_size, lat.threads,
                                                       repeats=lat.repeats, device=lat.device)}

@@ -52,7 +52,7 @@ def run_quantize(cfg: QuantizeRunConfig) -> dict[str, Any]:
     errors = run_waves(cfg, waves)
     todo = [job for wave in waves for job in wave]
     records = {job.name: finished(job.out_dir) for job in todo}
-    rows, backends = _measure(cfg, fixed, references, records, errors, out)
+    rows, backends = _measure(cfg, fixed, references, records, errors)
     from raynas.evaluation.compression_report import write_compression_report
 
     files = write_compression_report(rows, backends, out, cfg.title, cfg.task, reference="fp32")
@@ -80,7 +80,8 @@ def _bytes(folder: str) -> int | None:
     return path.stat().st_size if path.is_file() else None
 
 
-def _reload_check(cfg: QuantizeRunConfig, record: dict[str, Any], job_dir: Path) -> tuple[Any, dict[str, Any]]:
+def _reload_check(cfg: QuantizeRunConfig, record: dict[str, Any], job_dir: Path,
+                  onnx_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The reloaded folder on its runtime (task model), its dev score and agreement with the saved outputs."""
     from raynas.compression.compress_run import stack_outputs
     from raynas.compression.int8_backends import build_backend
@@ -88,7 +89,7 @@ def _reload_check(cfg: QuantizeRunConfig, record: dict[str, Any], job_dir: Path)
     from raynas.evaluation.task_models import load_task_model
 
     model = load_task_model(cfg.task, record["path"])
-    runner = build_backend(record["runtime"], model, job_dir / "onnx-reload", "task")
+    runner = build_backend(record["runtime"], model, onnx_dir / record["name"], "task")
     outputs: list[Any] = []
     scored = evaluate_module(_eval_cfg(cfg, record["path"]), runner, outputs=outputs)
     now, before = stack_outputs(outputs), np.load(job_dir / LOGITS)
@@ -99,8 +100,18 @@ def _reload_check(cfg: QuantizeRunConfig, record: dict[str, Any], job_dir: Path)
 
 
 def _measure(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references: dict[str, float],
-             records: dict[str, dict[str, Any] | None], errors: dict[str, str],
-             out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+             records: dict[str, dict[str, Any] | None],
+             errors: dict[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Reload, re-score and time everything; the ONNX graphs it builds live in a temporary folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        return _measure_in(cfg, fixed, references, records, errors, Path(onnx_dir))
+
+
+def _measure_in(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references: dict[str, float],
+                records: dict[str, dict[str, Any] | None], errors: dict[str, str],
+                onnx_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from raynas.compression.int8_backends import build_backend
     from raynas.evaluation.latency import measure_modules
     from raynas.evaluation.task_models import load_task_model
@@ -125,8 +136,8 @@ def _measure(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references: d
                          "error": errors.get(name, "no record (the trial did not finish)")})
             continue
         job_dir = Path(record["path"]).parent
-        model, check = _reload_check(cfg, record, job_dir)
-        timed.append((name, build_backend(record["runtime"], model, job_dir / "onnx-reload", "encoder")))
+        model, check = _reload_check(cfg, record, job_dir, onnx_dir)
+        timed.append((name, build_backend(record["runtime"], model, onnx_dir / name, "encoder")))
         bsr = _block_sparse(record, model)
         if bsr is not None:
             timed.append((f"{name}:bsr", bsr))
@@ -144,7 +155,7 @@ def _measure(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references: d
     from raynas.orchestration.quantize_tune import backends_of
 
     backend_names = [b for b in backends_of(cfg) if b != "torch_fp32"]
-    backend_modules = [(f"backend:{b}", build_backend(b, fp32, out / "backends", "encoder")) for b in backend_names]
+    backend_modules = [(f"backend:{b}", build_backend(b, fp32, onnx_dir / "backends", "encoder")) for b in backend_names]
     lat = cfg.latency
     measured = measure_modules(timed + backend_modules, lat.seq_len, lat.batch_size, lat.threads,
                                repeats=lat.repeats, device=lat.device)
@@ -164,13 +175,12 @@ def _measure(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references: d
     backends = [{"backend": "torch_fp32", **_latency(by_name["fp32"], ref_ms), "score": base, "delta_score": 0.0,
                  "bytes": fp32_bytes}] if backend_names else []
     for b in backend_names:
-        task_runner = build_backend(b, fp32, out / "backends", "task")
+        task_runner = build_backend(b, fp32, onnx_dir / "backends", "task")
         from raynas.evaluation.finetune import evaluate_module
 
         score = float(evaluate_module(_eval_cfg(cfg, fixed["model"] or ""), task_runner)["score"])
-        path = getattr(task_runner, "path", None)
         backends.append({"backend": b, **_latency(by_name[f"backend:{b}"], ref_ms), "score": score,
-                         "delta_score": score - base, "bytes": path.stat().st_size if path is not None else None})
+                         "delta_score": score - base, "bytes": getattr(task_runner, "file_bytes", None)})
     return rows, backends
 
 
