@@ -6,6 +6,7 @@ classes, so exported models load with ``AutoModel.from_pretrained(path)``.
 
 from __future__ import annotations
 
+import raynas._quiet  # noqa: F401  (first: before transformers is imported)
 import raynas.compression.hf_quantizer  # noqa: F401  (registers quant_method "raynas": packed folders load)
 from raynas.errors import ConfigError
 from raynas.models import (

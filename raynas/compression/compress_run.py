@@ -21,7 +21,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +93,16 @@ def make_hooks(method: str, settings: dict[str, Any], name: str = "job") -> Any:
                                                                         quantizers.KMeansSharing),
              "sparsify": (sparsity.SparsifySettings, sparsity.Sparsifier)}
     settings_cls, hooks_cls = kinds[method]
+    known = {f.name for f in fields(settings_cls)}
+    unknown = sorted(set(settings) - known)
+    require(not unknown, f"{name}.settings: unknown field(s) {', '.join(unknown)} for {method} "
+                         f"(known: {', '.join(sorted(known))})")
     try:
         parsed = settings_cls(**settings)
-        if hasattr(parsed, "check"):
-            parsed.check()
+        parsed.check()
         return hooks_cls(parsed)
-    except (TypeError, ConfigError) as exc:
-        raise ConfigError(f"{name}.settings: {str(exc).replace(settings_cls.__name__ + '.__init__() ', '')}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{name}.settings: {exc}") from None
 
 
 def runtime_of(job: CompressJob, encoded: dict[str, Encoded]) -> str:

@@ -157,7 +157,10 @@ def check_variants(cfg: QuantizeRunConfig, shapes: bool) -> None:
         if v.method in ("qat", "kmeans", "sparsify"):
             hooks = make_hooks(v.method, v.settings, f"{where}")  # bits outside the set, sparsity >= 1, ... fail here
             if v.method == "sparsify" and shapes:
-                hooks.settings.check(_meta_model(_root_source(cfg, v)))  # the block must tile every weight
+                try:
+                    hooks.settings.check(_meta_model(_root_source(cfg, v)))  # the block must tile every weight
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}.settings: {exc}") from None
         elif v.method == "mixed":
             _check_mixed(v.settings, where)
         else:
