@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from test_finetune import _bert_dir, _write_sst2
 
@@ -130,3 +131,30 @@ def test_the_recorded_job_is_what_ran(setup, tmp_path):
     record = _job(setup, tmp_path, "int8", {})
     saved = json.loads((tmp_path / "int8" / "compress.json").read_text())
     assert saved["job"]["method"] == "int8" and saved["path"] == record["path"]
+
+
+@pytest.mark.parametrize("method,settings", [("kmeans", {"bits": 3}),
+                                             ("sparsify", {"sparsity": 0.6, "end_fraction": 0.8, "frequency": 1})])
+def test_a_variant_killed_after_a_checkpoint_resumes_exactly(setup, tmp_path, monkeypatch, method, settings):
+    """The codebooks (model state) and the masks (hooks state) come back from the checkpoint: the resumed job saves
+    the same bytes as one that was never interrupted."""
+    from safetensors.torch import load_file
+
+    from raynas.evaluation.finetune_state import FAULT_ENV
+
+    train = {**TRAIN, "data_dir": str(setup["data"]), "checkpoint_every": 2}
+
+    def job(folder: str) -> CompressJob:
+        return CompressJob(method, "sst2", str(setup["model"]), str(tmp_path / folder), method, settings, train,
+                           str(setup["model"]))
+
+    whole = run_compress_job(job("whole"))
+    monkeypatch.setenv(FAULT_ENV, "4")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_compress_job(job("cut"))
+    assert (tmp_path / "cut" / "finetune-checkpoint.pt").is_file() and not (tmp_path / "cut" / "compress.json").exists()
+    resumed = run_compress_job(job("cut"))
+    assert resumed["score"] == whole["score"] and resumed["sparsity"] == whole["sparsity"]
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
