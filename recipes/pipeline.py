@@ -1,8 +1,7 @@
 """raynas pipeline: one family from one teacher -- search family -> task fine-tuning -> L0 pruning -> quantization.
 
     raynas pipeline --config recipes/configs/pipeline-tiny.yaml
-    raynas pipeline --config recipes/configs/pipeline-tiny.yaml family.run=runs/autotinybert-kd-minilm \
-        family.recipe=null                                  # enter with a family you already searched
+    raynas pipeline --config recipes/configs/pipeline-tiny.yaml family.recipe=null family.run=runs/autotinybert-kd-minilm
     raynas pipeline --config FILE "family.models={mine: path/to/pretrained}" prune=null  # your own models, no pruning
 
 Stages read the previous stage's model folders: the family (an AutoTinyBERT or
