@@ -53,7 +53,7 @@ class PlacementSpy:
             return out
 
         monkeypatch.setattr(torch.Tensor, "to", to)
-        real_load = ft._load_task_model
+        real_load = ft.task_model_for
 
         def load(*args: Any, **kwargs: Any) -> nn.Module:
             model = real_load(*args, **kwargs)
@@ -64,7 +64,7 @@ class PlacementSpy:
             self.models.append(model)
             return model
 
-        monkeypatch.setattr(ft, "_load_task_model", load)
+        monkeypatch.setattr(ft, "task_model_for", load)
 
     def _check_inputs(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
@@ -173,7 +173,7 @@ def test_sweep_rejects_a_device_that_contradicts_its_gpus() -> None:
 def test_finetune_trial_on_cuda(tiny: Path, sst2_teacher: Path, precision: str) -> None:
     """``auto`` picks the GPU; student, teacher and batches run there (a CPU tensor in a CUDA forward would raise)."""
     seen: list[torch.device] = []
-    real_load = ft._load_task_model
+    real_load = ft.task_model_for
 
     def load(*args: Any, **kwargs: Any) -> nn.Module:
         model = real_load(*args, **kwargs)
@@ -182,7 +182,7 @@ def test_finetune_trial_on_cuda(tiny: Path, sst2_teacher: Path, precision: str) 
         return model
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(ft, "_load_task_model", load)
+    mp.setattr(ft, "task_model_for", load)
     try:
         results = finetune(_sst2(tiny, model=str(tiny / "student"), teacher=str(sst2_teacher), kd_hidden_weight=1.0,
                                  max_steps=3, precision=precision))
