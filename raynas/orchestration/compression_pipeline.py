@@ -166,7 +166,7 @@ def run_compression_pipeline(cfg: PipelineRunConfig) -> dict[str, Any]:
                                  "distill_members": cfg.distill_members}, lambda: _finetune_all(cfg, members, out))
     rows: list[dict[str, Any]] = [{"name": f"{n} (fine-tuned)", "stage": "finetune", "path": r["path"],
                                    "runtime": "torch_fp32", "score": r["score"], "bits": "fp32"}
-                                  for n, r in tuned.items()]
+                                  for n, r in sorted(tuned.items(), key=lambda kv: kv[0] != "teacher")]
     pruned: dict[str, str] = {}
     if prune_cfg is not None:
         for name in prune_on:
