@@ -108,6 +108,8 @@ def test_variants_run_as_tune_trials_in_waves_and_a_rerun_skips_them(setup, tmp_
     ({"name": "s", "method": "sparsify", "settings": {"sparsity": 1.0}}, "sparsity"),
     ({"name": "s", "method": "sparsify", "settings": {"sparsity": 0.5, "block": "5x5"}}, "block"),
     ({"name": "m", "method": "mixed", "settings": {"size_fraction": 1.5}}, "size_fraction"),
+    ({"name": "m", "method": "mixed", "settings": {"size_fraction": 0.001}}, "narrowest candidate width"),
+    ({"name": "q", "method": "qat", "settings": {"bitz": 4}}, "unknown field(s) bitz"),
     ({"name": "x", "method": "prune"}, "method"),
     ({"name": "c", "method": "kmeans", "source": "nowhere"}, "source"),
 ])

@@ -209,6 +209,10 @@ def _check_mixed(settings: dict[str, Any], where: str) -> None:
     fraction = settings.get("size_fraction", 0.1)
     require(isinstance(fraction, (int, float)) and 0 < fraction < 1,
             f"{where}.settings.size_fraction: expected a fraction of the fp32 size in (0, 1), got {fraction!r}")
+    narrowest = min(settings.get("candidate_bits", [2, 3, 4, 8]))
+    require(32 * fraction >= narrowest, f"{where}.settings.size_fraction: {fraction:g} of fp32 is "
+                                        f"{32 * fraction:.2f} bits per weight, below the narrowest candidate width "
+                                        f"({narrowest} bits)")
 
 
 def _check_model(field_name: str, model: str, task: Any) -> None:
@@ -220,7 +224,8 @@ def _check_model(field_name: str, model: str, task: Any) -> None:
     try:
         check_task_head(model, task)
     except ConfigError as exc:
-        raise ConfigError(f"{field_name}: {exc}") from None
+        text = str(exc)
+        raise ConfigError(text if text.startswith(field_name) else f"{field_name}: {text}") from None
 
 
 def _comparable(job: dict[str, Any]) -> dict[str, Any]:
