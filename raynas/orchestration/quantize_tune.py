@@ -118,6 +118,11 @@ def preflight(cfg: QuantizeRunConfig) -> None:
     task = get_task(cfg.task)
     require((cfg.model is None) != (cfg.finetune_from is None),
             "model / finetune_from: give exactly one (a fine-tuned model, or a pre-trained one to fine-tune first)")
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    require(not missing, f"raynas quantize needs {' and '.join(missing)} (int8 runs on ONNX Runtime): "
+                         "pip install 'raynas[int8]'")
     for b in cfg.backends or []:
         require(b in BACKENDS, f"backends: unknown backend {b!r} (expected {', '.join(BACKENDS)})")
         require(b != "torchao" or torchao_installed(), "backends: torchao is not installed (pip install torchao, "
