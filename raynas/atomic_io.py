@@ -2,6 +2,10 @@
 
 A crash, a full disk or Ctrl-C never leaves a half-written model folder,
 supernet or table where a finished one is expected, so a rerun is always safe.
+
+``tempfile`` creates its folders 0700 and files 0600 (private while being built);
+the renamed result gets the modes a plain ``mkdir`` / ``open`` would have given
+under the process umask, so on a shared cluster filesystem others can load it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ from typing import Iterator
 from raynas.errors import ConfigError
 
 
+def umask_modes() -> tuple[int, int]:
+    """(folder mode, file mode) that ``mkdir`` / ``open`` give under the current umask (e.g. 0o755, 0o644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask, 0o666 & ~mask
+
+
+def publish_dir(tmp: Path) -> None:
+    """Give a ``mkdtemp`` folder the umask-based mode of an ordinary folder (before it is renamed into place)."""
+    os.chmod(tmp, umask_modes()[0])
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces ``path``, on failure it is removed."""
@@ -26,6 +42,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        publish_dir(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -43,6 +60,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, umask_modes()[1])
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

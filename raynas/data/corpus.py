@@ -32,6 +32,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from raynas.atomic_io import publish_dir
 from raynas.errors import ConfigError, require
 
 BUILTIN_PREFIX = "builtin:"
@@ -300,6 +301,7 @@ def _save_and_reload(splits: datasets.DatasetDict, target: Path) -> datasets.Dat
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         splits.save_to_disk(str(tmp))
+        publish_dir(tmp)
         os.rename(tmp, target)
     except OSError:
         if not (target / "dataset_dict.json").is_file():  # not "another process finished first"

@@ -1,0 +1,54 @@
+"""Atomic writes give their results the modes an ordinary mkdir / open would, not tempfile's private ones."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from raynas.atomic_io import atomic_dir, atomic_file
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_folder_and_its_files_get_umask_modes(tmp_path, umask_022):
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert _mode(tmp_path / "model") == 0o755  # tempfile.mkdtemp alone gives 0o700
+    assert _mode(tmp_path / "model" / "config.json") == 0o644
+
+
+def test_a_file_gets_umask_modes(tmp_path, umask_022):
+    with atomic_file(tmp_path / "table.parquet") as tmp:
+        tmp.write_bytes(b"x")
+    assert _mode(tmp_path / "table.parquet") == 0o644  # tempfile.mkstemp alone gives 0o600
+
+
+def test_a_stricter_umask_is_respected(tmp_path):
+    old = os.umask(0o077)
+    try:
+        with atomic_file(tmp_path / "private.txt") as tmp:
+            tmp.write_text("secret")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "private.txt") == 0o600
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
