@@ -71,7 +71,7 @@ def extract_family(net: Supernet, tokenizer: Any, archs: Sequence[str], out: Pat
         model = net.extract(arch)
         exported = export_model(model, target, tokenizer, overwrite=True, bert_if_possible=not raynas_format)
         (target / "raynas_arch.json").write_text(json.dumps({"arch": arch, "space": net.space.name}) + "\n")
-        rows.append({"arch": arch, "path": str(target), "model_type": exported.model_type,
+        rows.append({"arch": arch, "path": str(target.resolve()), "model_type": exported.model_type,
                      "params_base": net.space.params(arch, "base"), "params_mlm": net.space.params(arch, "mlm"),
                      "space": net.space.name})
         print(f"[{i}/{len(archs)}] {arch} -> {target} ({exported.model_type}, {rows[-1]['params_base']:,} params)",

@@ -48,14 +48,16 @@ def test_python_m_recipes_works():
     assert proc.returncode == 0 and "--supernet" in proc.stdout
 
 
-def test_extract_writes_loadable_folders_and_a_table(supernet_dir, tmp_path, capsys):
-    out = tmp_path / "models"
+def test_extract_writes_loadable_folders_and_a_table(supernet_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("models")  # relative to the working directory; the table must not be
     code, stdout, _ = run(capsys, "extract", "--supernet", str(supernet_dir), "--arch", "2-32-64-2-32",
                           "--arch", "3-48-64-2-32", "--out", str(out))
     assert code == 0, stdout
     table = pd.read_parquet(out / "extracted.parquet")
     assert list(table["model_type"]) == ["bert", "raynas"]
     for path, params in zip(table["path"], table["params_base"]):
+        assert Path(path).is_absolute()  # a table read from another working directory still finds the models
         assert (Path(path) / "model.safetensors").is_file() and (Path(path) / "tokenizer_config.json").is_file()
         assert sum(p.numel() for p in AutoModel.from_pretrained(path).parameters()) == params
 
