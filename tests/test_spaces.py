@@ -166,3 +166,12 @@ def test_bins_reject_bad_requests():
         space.bin_edges(0)
     with pytest.raises(ConfigError, match="binning"):
         space.bin_edges(3, method="log")
+
+
+@pytest.mark.parametrize("name", ["autotinybert-mlm", "autotinybert-kd"])
+def test_the_parse_error_suggests_an_arch_the_space_accepts(name):
+    space = load_space(name)
+    with pytest.raises(ValueError, match="e.g. ") as info:
+        space.parse("5-564")
+    suggested = str(info.value).split("e.g. ")[1].split(" ")[0]
+    assert space.validate(suggested)  # the example in the message is valid in that very space

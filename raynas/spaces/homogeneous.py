@@ -122,7 +122,8 @@ class HomogeneousSpace(Space[TinyArch]):
             raise ConfigError(f"arch: expected a string L-d_m-d_f-h-d_qkv, got {type(arch).__name__}")
         parts = arch.strip().split("-")
         if len(parts) != 5 or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"arch {arch!r}: expected L-d_m-d_f-h-d_qkv as 5 positive integers, e.g. 5-564-1054-8-512")
+            raise ConfigError(f"arch {arch!r}: expected L-d_m-d_f-h-d_qkv as 5 positive integers, e.g. "
+                              f"{self.example()} (valid in space {self.name})")
         return TinyArch(*(int(p) for p in parts))
 
     def validate(self, arch: TinyArch | str) -> TinyArch:
@@ -165,6 +166,10 @@ class HomogeneousSpace(Space[TinyArch]):
         pa, pb = self.validate(a), self.validate(b)
         out = {key: getattr(rng.choice((pa, pb)), key) for key in DIMS}
         return self._fix_qkv(out, rng)
+
+    def example(self) -> TinyArch:
+        """A mid-sized arch of this space (what an error message can suggest): seeded, always valid."""
+        return self.sample(random.Random(0))
 
     def smallest(self) -> TinyArch:
         h = self.dims["heads"].min
