@@ -29,9 +29,14 @@ def parse_args(argv: Sequence[str], prog: str = "raynas supernet", doc: str = __
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
     p.add_argument("--config", help="YAML config (fields of TrainConfig); key=value overrides it")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. sampler.per_worker=3 or model=runs/students/ARCH")
-    return p.parse_args(argv)
+    example = "model=runs/students/ARCH steps=100" if prog.endswith("train") else "sampler.per_worker=3 steps=100"
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+    args = p.parse_args(argv)
+    if args.config is None and not args.overrides:
+        config = "train-tiny.yaml" if prog.endswith("train") else "supernet-tiny.yaml"
+        raise ConfigError(f"nothing to run: give --config FILE (e.g. recipes/configs/{config}) and/or key=value "
+                          f"overrides ({prog} --help)")
+    return args
 
 
 def main(argv: Sequence[str]) -> int:
