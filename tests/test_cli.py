@@ -120,6 +120,13 @@ def test_malformed_space_yaml_from_the_cli(tmp_path, capsys):
 TINY_TRAIN = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "supernet-tiny.yaml")
 
 
+@pytest.mark.parametrize("recipe, config", [("supernet", "supernet-tiny.yaml"), ("train", "train-tiny.yaml")])
+def test_a_training_recipe_with_no_arguments_names_config(recipe, config, capsys):
+    assert main([recipe]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--config" in err[0] and config in err[0], err
+
+
 @pytest.mark.parametrize("recipe, args, needle", [
     ("supernet", ["corpus.files=[{tmp}/missing.txt]"], "missing.txt: no such file"),
     ("supernet", ["corpus.files=[{tmp}/corrupt.parquet]"], "corrupt.parquet: cannot read as parquet"),
@@ -130,13 +137,6 @@ TINY_TRAIN = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "
     ("train", [], "raynas train needs a model folder"),
     ("train", ["model={tmp}/no-model", "space=null"], "model"),
 ])
-@pytest.mark.parametrize("recipe, config", [("supernet", "supernet-tiny.yaml"), ("train", "train-tiny.yaml")])
-def test_a_training_recipe_with_no_arguments_names_config(recipe, config, capsys):
-    assert main([recipe]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--config" in err[0] and config in err[0], err
-
-
 def test_training_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, recipe, args, needle):
     """Checked in the driver before Ray starts: nothing under out/ that a rerun would trip over."""
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really parquet")
