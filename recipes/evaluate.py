@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="YAML config (fields of EvaluateConfig); flags and key=value override it")
     p.add_argument("--models", nargs="+", help="model folders or hub names")
-    p.add_argument("--tasks", nargs="+", help="cola sst2 mrpc stsb qqp mnli qnli rte wnli squad squad_v2")
+    p.add_argument("--tasks", nargs="+", help="cola sst2 mrpc stsb qqp mnli_m mnli_mm qnli rte wnli squad squad_v2")
     p.add_argument("--data-dir", help="GLUE TSV folders (SST-2/ ...) or SQuAD JSON folder; default: the hub")
     p.add_argument("--reference", help="model the speedups are measured against (default: the first model)")
     p.add_argument("--out", help="output folder (default: runs/evaluate)")
