@@ -20,6 +20,29 @@ from typing import Iterator
 from raynas.errors import ConfigError
 
 
+def check_writable(path: str | os.PathLike, field: str = "out") -> Path:
+    """Refuse, with one line naming ``field``, an output location that cannot be created; create nothing.
+
+    Every recipe calls this before any work (tokenizing a corpus, training), so a
+    typo'd or read-only ``out`` costs a second, not an hour, and leaves nothing
+    half-written: the first existing ancestor must be a folder this process can write in.
+    """
+    out = Path(path).expanduser()
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is" if probe == out else "is inside"
+        raise ConfigError(f"{field}: {out} {where} a file ({probe}), not a folder")
+    if out.exists() and out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: cannot write to {out} (permission denied or read-only)")
+    if not out.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: cannot create {out}: {probe} is not writable (permission denied or read-only)")
+    return out
+
+
 def umask_modes() -> tuple[int, int]:
     """(folder mode, file mode) that ``mkdir`` / ``open`` give under the current umask (e.g. 0o755, 0o644)."""
     mask = os.umask(0)

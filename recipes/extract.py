@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from raynas.atomic_io import check_writable
 from raynas.cli import run_recipe
 from raynas.errors import ConfigError
 from raynas.export import export_model
@@ -83,6 +84,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a positive integer, got {args.limit}")
+    check_writable(args.out, "--out")
     net = load_supernet(args.supernet)
     tokenizer = load_supernet_tokenizer(args.supernet)
     raw = args.arch if args.arch else read_column(args.archs, args.column)[: args.limit]

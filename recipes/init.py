@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from raynas.atomic_io import check_writable
 from raynas.cli import run_recipe
 from raynas.errors import ConfigError
 from raynas.export import from_bert
@@ -62,7 +63,7 @@ def supernet_around_teacher(teacher_ref: str, strategy: str = "heads") -> tuple[
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
+    out = check_writable(args.out, "--out")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out}: already exists (use --overwrite to replace it)")
     torch.manual_seed(args.seed)

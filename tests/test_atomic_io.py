@@ -52,3 +52,16 @@ def test_a_failed_write_leaves_nothing(tmp_path):
             (tmp / "half").write_text("x")
             raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_names_the_field_and_creates_nothing(tmp_path):
+    from raynas.atomic_io import check_writable
+    from raynas.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^--out: .*a-file/sub is inside a file"):
+        check_writable(tmp_path / "a-file" / "sub", "--out")
+    with pytest.raises(ConfigError, match=r"^out: .* is a file"):
+        check_writable(tmp_path / "a-file", "out")
+    assert check_writable(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing

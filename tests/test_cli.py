@@ -120,6 +120,20 @@ def test_malformed_space_yaml_from_the_cli(tmp_path, capsys):
 TINY_TRAIN = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "supernet-tiny.yaml")
 
 
+@pytest.mark.parametrize("argv", [
+    ["init", "--space", "autotinybert-mlm", "--out", "{file}/sub"],
+    ["extract", "--supernet", "{supernet}", "--arch", "2-32-64-2-32", "--out", "{file}/sub"],
+    ["supernet", "--config", "recipes/configs/supernet-tiny.yaml", "out={file}/sub"],
+])
+def test_an_output_under_a_file_is_one_line_before_any_work(argv, supernet_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the repo root: the shipped config path
+    (tmp_path / "a-file").write_text("x")
+    args = [a.format(file=tmp_path / "a-file", supernet=supernet_dir) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is inside a file" in err[0], err
+
+
 @pytest.mark.parametrize("recipe, config", [("supernet", "supernet-tiny.yaml"), ("train", "train-tiny.yaml")])
 def test_a_training_recipe_with_no_arguments_names_config(recipe, config, capsys):
     assert main([recipe]) == 2

@@ -179,13 +179,9 @@ def check_task_head(model: str, task: Any) -> None:
 
 
 def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"out: cannot write to {out} ({exc.strerror or exc})") from None
+    from raynas.atomic_io import check_writable
+
+    check_writable(out, "out")
 
 
 # ---- trials ----------------------------------------------------------------------------------

@@ -70,8 +70,10 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     counts. Returns the config as a dict for the workers, paths made absolute."""
     from transformers import AutoConfig
 
+    from raynas.atomic_io import check_writable
     from raynas.teachers import resolve_teacher
 
+    check_writable(cfg.out, "out")  # before the corpus is tokenized or Ray starts
     raw = asdict(cfg)  # workers run in Ray's working dir: pass absolute paths
     if cfg.space:
         from raynas.spaces import load_space
