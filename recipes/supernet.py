@@ -3,7 +3,10 @@
     raynas supernet --config recipes/configs/supernet-tiny.yaml
     raynas supernet --config recipes/configs/supernet-tiny.yaml steps=500 num_workers=4 deepspeed.zero_stage=1
     raynas supernet --config recipes/configs/supernet-kd-minilm.yaml      # distil from a teacher
-    ray job submit --working-dir . -- raynas supernet --config recipes/configs/supernet-tiny.yaml
+    ray start --head && RAY_AUTH_MODE=token ray job submit --working-dir . -- raynas supernet --config recipes/configs/supernet-tiny.yaml out=/tmp/runs/supernet-tiny
+
+Under ray job submit give out as an absolute or shared path (the job runs in Ray's copy
+of the working dir); Ray >= 2.59 needs RAY_AUTH_MODE=token for the ray job CLI.
 
 The corpus is tokenized once into OUT/corpus (memory-mapped by the workers),
 checkpoints land in OUT/checkpoints (Ray's copies in OUT/ray_results; a rerun

