@@ -40,7 +40,48 @@ def resolve_teacher(name_or_path: str | os.PathLike, field: str = "teacher") -> 
         return str(path.resolve())  # absolute: Ray workers run in another working dir
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ConfigError(f"{field}: {text!r}: no such folder")
-    return text  # a hub name; transformers resolves (and fails clearly offline)
+    _check_hub_name(text, field)
+    return text  # a hub name: cached, or the hub answers; transformers resolves it
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection within ``timeout`` (asked once per process)."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_REACHABLE:
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+            _HUB_REACHABLE[endpoint] = True
+        except OSError:
+            _HUB_REACHABLE[endpoint] = False
+    return _HUB_REACHABLE[endpoint]
+
+
+def _check_hub_name(name: str, field: str) -> None:
+    """A name that is neither a folder nor packaged must be in the local hub cache or reachable on the hub.
+
+    Otherwise transformers retries the network for half a minute before saying the
+    same thing; a typo'd teacher name on an offline machine should fail in a second.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # an invalid repo id, an old huggingface_hub: let the checks below speak
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+        raise ConfigError(f"{field}: {name!r} is not a local folder, a packaged teacher "
+                          f"({', '.join(PACKAGED_TEACHERS)}) or a cached hub model, and {why}")
 
 
 def load_teacher(name_or_path: str | os.PathLike) -> tuple[Any, Any]:

@@ -127,6 +127,10 @@ def preflight(cfg: QuantizeRunConfig) -> None:
         require(b in BACKENDS, f"backends: unknown backend {b!r} (expected {', '.join(BACKENDS)})")
         require(b != "torchao" or torchao_installed(), "backends: torchao is not installed (pip install torchao, "
                                                        "or leave it out of backends)")
+    if cfg.finetune_from is not None:
+        from raynas.teachers import resolve_teacher
+
+        resolve_teacher(cfg.finetune_from, "finetune_from")
     for field_name, model in [("model", cfg.model), ("teacher", cfg.teacher), *(
             (f"extra_models.{k}", p) for k, p in cfg.extra_models.items())]:
         if model is not None:
