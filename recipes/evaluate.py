@@ -96,6 +96,7 @@ def main(argv: Sequence[str]) -> int:
 def family_rows(cfg: EvaluateConfig, best: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per model: size, measured latency and speedup, best score per task in percent."""
     from raynas.evaluation.latency import compare_latency, measure_latency
+    from raynas.evaluation.report import score_scale
 
     reference = cfg.reference or cfg.models[0]
     models = list(dict.fromkeys([*cfg.models, reference]))
@@ -114,8 +115,7 @@ def family_rows(cfg: EvaluateConfig, best: list[dict[str, Any]]) -> list[dict[st
                                "speedup": by_model[model].get("speedup", float("nan"))}
         for r in best:
             if resolved.get(r["model"], r["model"]) == model:
-                scale = 1.0 if r["task"].startswith("squad") else 100.0  # GLUE metrics are fractions
-                row[r["task"]] = r["score"] * scale
+                row[r["task"]] = r["score"] * score_scale(r["task"])
         rows.append(row)
     return rows
 

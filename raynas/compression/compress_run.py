@@ -85,14 +85,12 @@ class _Keeping:
         return getattr(self.inner, name)
 
 
-def make_hooks(method: str, settings: dict[str, Any], name: str = "job") -> Any:
-    """The training hooks of a trained method, from its settings (a bad field is a ConfigError naming it)."""
-    from raynas.compression import quantizers, sparsity
+def parse_settings(method: str, settings: dict[str, Any], name: str = "job") -> Any:
+    """A trained method's settings dataclass, checked (an unknown or bad field is a ConfigError naming it)."""
+    from raynas.compression import mixed_precision, quantizers, sparsity
 
-    kinds = {"qat": (quantizers.QATSettings, quantizers.QAT), "kmeans": (quantizers.KMeansSettings,
-                                                                        quantizers.KMeansSharing),
-             "sparsify": (sparsity.SparsifySettings, sparsity.Sparsifier)}
-    settings_cls, hooks_cls = kinds[method]
+    settings_cls = {"qat": quantizers.QATSettings, "kmeans": quantizers.KMeansSettings,
+                    "mixed": mixed_precision.MixedSettings, "sparsify": sparsity.SparsifySettings}[method]
     known = {f.name for f in fields(settings_cls)}
     unknown = sorted(set(settings) - known)
     require(not unknown, f"{name}.settings: unknown field(s) {', '.join(unknown)} for {method} "
@@ -100,9 +98,17 @@ def make_hooks(method: str, settings: dict[str, Any], name: str = "job") -> Any:
     try:
         parsed = settings_cls(**settings)
         parsed.check()
-        return hooks_cls(parsed)
+        return parsed
     except ConfigError as exc:
         raise ConfigError(f"{name}.settings: {exc}") from None
+
+
+def make_hooks(method: str, settings: dict[str, Any], name: str = "job") -> Any:
+    """The training hooks of qat, kmeans or sparsify, from their settings."""
+    from raynas.compression import quantizers, sparsity
+
+    hooks_cls = {"qat": quantizers.QAT, "kmeans": quantizers.KMeansSharing, "sparsify": sparsity.Sparsifier}[method]
+    return hooks_cls(parse_settings(method, settings, name))
 
 
 def runtime_of(job: CompressJob, encoded: dict[str, Encoded]) -> str:
@@ -125,27 +131,20 @@ def _train(job: CompressJob, hooks: Any, model_dir: str) -> tuple[nn.Module, dic
     return keeping.model, results
 
 
-def _mixed_plan(job: CompressJob, model: nn.Module) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """Bits per module from measured sensitivity under the size budget (``settings.size_fraction`` of fp32)."""
+def _mixed_plan(job: CompressJob, s: Any, model: nn.Module) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Bits per module from measured sensitivity under the size budget (``s.size_fraction`` of fp32)."""
     from raynas.compression import mixed_precision as mp
     from raynas.evaluation.finetune import FinetuneConfig, calibration_batches
 
-    s = dict(job.settings)
-    candidates = [int(b) for b in s.pop("candidate_bits", [2, 3, 4, 8])]
-    fraction = float(s.pop("size_fraction", 0.1))
-    samples = int(s.pop("calibration_samples", 256))
-    require(0.0 < fraction < 1.0, f"{job.name}.settings.size_fraction: expected (0, 1), got {fraction!r}")
     cfg = FinetuneConfig(task=job.task, model=job.model, **{k: v for k, v in job.train.items()
                                                             if k in ("data_dir", "max_seq_len", "train_split")})
-    batches = calibration_batches(cfg, samples)
-    modules = compressible_modules(model)
-    rows = mp.measure_sensitivity(model, batches, candidates)
-    groups = mp.layer_groups(list(modules))
-    sizes = {g: sum(modules[n].weight.numel() for n in names) for g, names in groups.items()}
-    budget = fraction * 32 * sum(sizes.values())
-    plan = mp.choose_bits(rows, sizes, budget)
+    batches = calibration_batches(cfg, s.calibration_samples)
+    rows = mp.measure_sensitivity(model, batches, s.candidate_bits)
+    groups = mp.layer_groups(list(compressible_modules(model)))
+    sizes = mp.group_entries(model, groups)
+    plan = mp.choose_bits(rows, sizes, s.size_fraction * 32 * sum(sizes.values()))
     per_module = mp.plan_per_module(plan, groups)
-    print(f"compress {job.name}: mixed precision plan {plan} (budget {fraction:g} of fp32)", file=sys.stderr,
+    print(f"compress {job.name}: mixed precision plan {plan} (budget {s.size_fraction:g} of fp32)", file=sys.stderr,
           flush=True)
     return per_module, [{**r, "chosen": plan.get(r["group"]) == r["bits"]} for r in rows]
 
@@ -165,9 +164,9 @@ def compress(job: CompressJob, model_dir: str) -> tuple[nn.Module, dict[str, Enc
     if job.method == "mixed":
         from raynas.compression.quantizers import KMeansSettings, KMeansSharing
 
-        plan, extras = _mixed_plan(job, load_task_model(job.task, model_dir))
-        keep = {k: v for k, v in job.settings.items() if k in ("iters", "train_codebook")}
-        hooks: Any = KMeansSharing(KMeansSettings(bits=plan, **keep))
+        s = parse_settings("mixed", job.settings, job.name)
+        plan, extras = _mixed_plan(job, s, load_task_model(job.task, model_dir))
+        hooks: Any = KMeansSharing(KMeansSettings(bits=plan, iters=s.iters, train_codebook=s.train_codebook))
     else:
         hooks = make_hooks(job.method, job.settings, job.name)
     model, results = _train(job, hooks, model_dir)
@@ -182,7 +181,7 @@ def run_compress_job(job: CompressJob) -> dict[str, Any]:
     from raynas.compression.int8_backends import build_backend
     from raynas.compression.packed_format import bytes_on_disk, save_compressed
     from raynas.compression.prune_run import max_output_diff
-    from raynas.evaluation.finetune import FinetuneConfig, evaluate_module
+    from raynas.evaluation.finetune import FinetuneConfig, eval_fields, evaluate_module
     from raynas.evaluation.task_models import load_task_model, load_tokenizer
     from raynas.teachers import resolve_teacher
 
@@ -196,8 +195,8 @@ def run_compress_job(job: CompressJob) -> dict[str, Any]:
     reloaded = load_task_model(job.task, str(folder)).eval()
     diff = max_output_diff(model, reloaded)
     runtime = runtime_of(job, encoded)
-    eval_cfg = FinetuneConfig(task=job.task, model=model_dir, **{k: v for k, v in job.train.items() if k in (
-        "data_dir", "max_seq_len", "batch_size", "max_eval_samples", "eval_split")})
+    eval_cfg = FinetuneConfig(task=job.task, model=model_dir, data_dir=job.train.get("data_dir"),
+                              **eval_fields(job.train))
     before: list[Any] = []
     with tempfile.TemporaryDirectory() as onnx_dir:
         runner = build_backend(runtime, model, onnx_dir, "task")

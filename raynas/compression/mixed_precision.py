@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from raynas.compression.encoding import INT_BITS, KMEANS_BITS, Encoded, compressible_modules, payload_bits
-from raynas.compression.quantizers import kmeans_encode, quantize_int, zero_mask
+from raynas.compression.encoding import INT_BITS, KMEANS_BITS, compressible_modules, payload_bits
+from raynas.compression.quantizers import encode_weight
 from raynas.errors import ConfigError, require
 
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
@@ -52,9 +53,28 @@ def layer_groups(names: Iterable[str]) -> dict[str, list[str]]:
     return groups
 
 
-def _encode(weight: Tensor, bits: int, scheme: str) -> Encoded:
-    mask = zero_mask(weight, bits)  # a pruned weight keeps its zeros, as the training hooks do
-    return kmeans_encode(weight, bits, mask) if scheme == "kmeans" else quantize_int(weight, bits, mask)
+@dataclass
+class MixedSettings:
+    """Mixed precision: the candidate k-means widths, the size budget, the calibration set, the codebook training."""
+
+    candidate_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+    size_fraction: float = 0.1  # of the fp32 payload of the encoded weights
+    calibration_samples: int = 256  # train sentences the sensitivity is measured on
+    iters: int = 100  # Lloyd iterations of each codebook
+    train_codebook: bool = True
+
+    def check(self) -> None:
+        require(bool(self.candidate_bits), "candidate_bits: give at least one width")
+        for b in self.candidate_bits:
+            require(b in KMEANS_BITS, f"candidate_bits: {b!r} is not a supported width {KMEANS_BITS}")
+        f = self.size_fraction
+        require(isinstance(f, (int, float)) and 0 < f < 1,
+                f"size_fraction: expected a fraction of the fp32 size in (0, 1), got {f!r}")
+        narrowest = min(self.candidate_bits)
+        require(32 * f >= narrowest, f"size_fraction: {f:g} of fp32 is {32 * f:.2f} bits per weight, below the "
+                                     f"narrowest candidate width ({narrowest} bits)")
+        require(isinstance(self.calibration_samples, int) and self.calibration_samples >= 1,
+                f"calibration_samples: expected an integer >= 1, got {self.calibration_samples!r}")
 
 
 def _logits(output: Any) -> list[Tensor]:
@@ -105,7 +125,7 @@ def measure_sensitivity(model: nn.Module, batches: list[dict[str, Tensor]], cand
             saved = {n: modules[n].weight.detach().clone() for n in names}
             try:
                 for bits in widths:
-                    encs = {n: _encode(saved[n], bits, scheme) for n in names}
+                    encs = {n: encode_weight(saved[n], scheme, bits) for n in names}
                     for n, enc in encs.items():
                         modules[n].weight.copy_(enc.dequantize().to(saved[n].dtype))
                     kl = sum(_kl(ref, _logits(model(**b))) for ref, b in zip(reference, batches)) / len(batches)

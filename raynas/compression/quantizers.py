@@ -143,6 +143,12 @@ def _pays(kept: Tensor, bits: int) -> bool:
     return (kept.numel() - int(kept.sum())) * bits > kept.numel()
 
 
+def encode_weight(weight: Tensor, scheme: str, bits: int, iters: int = 100) -> Encoded:
+    """One weight, post-training: int codes or a k-means codebook; a pruned weight keeps its zeros (:func:`zero_mask`)."""
+    mask = zero_mask(weight, bits)
+    return quantize_int(weight, bits, mask) if scheme == "int" else kmeans_encode(weight, bits, mask, iters)
+
+
 def encode_weights(model: nn.Module, scheme: str, bits: int | dict[str, int], embeddings: bool = True,
                    iters: int = 100) -> dict[str, Encoded]:
     """Post-training encodings of every compressible weight (``bits`` per module name for a plan; missing: fp32).
@@ -152,12 +158,7 @@ def encode_weights(model: nn.Module, scheme: str, bits: int | dict[str, int], em
     require(scheme in ("int", "kmeans"), f"quantize.scheme: expected int or kmeans, got {scheme!r}")
     modules = compressible_modules(model, embeddings=embeddings)
     plan = _plan(bits, modules)
-    out = {}
-    for name, width in plan.items():
-        weight = modules[name].weight
-        mask = zero_mask(weight, width)
-        out[name] = quantize_int(weight, width, mask) if scheme == "int" else kmeans_encode(weight, width, mask, iters)
-    return out
+    return {name: encode_weight(modules[name].weight, scheme, width, iters) for name, width in plan.items()}
 
 
 def apply_encoded(model: nn.Module, encs: dict[str, Encoded]) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from raynas.atomic_io import atomic_file
-from raynas.evaluation.report import fmt_number
+from raynas.evaluation.report import fmt_number, score_scale
 from raynas.tables import to_table, write_parquet
 
 SCHEMA = pa.schema([
@@ -40,14 +40,10 @@ BACKEND_SCHEMA = pa.schema([
 ])
 
 
-def _scale(task: str) -> float:
-    return 1.0 if task.lower().startswith("squad") else 100.0
-
-
 def compression_markdown(rows: Sequence[dict[str, Any]], backends: Sequence[dict[str, Any]], title: str,
                          task: str, reference: str) -> str:
     """The variants table and, when measured, the int8 backend comparison."""
-    s = _scale(task)
+    s = score_scale(task)
     lines = [f"# {title}", "", "| model | method | bits | runtime | bytes on disk | vs fp32 | sparsity | latency (ms) | "
              "speedup | score | vs fp32 | reload agrees |", "|" + "---|" * 12]
     for r in rows:
@@ -82,7 +78,7 @@ def compression_markdown(rows: Sequence[dict[str, Any]], backends: Sequence[dict
 
 def pareto_markdown(rows: Sequence[dict[str, Any]], title: str, task: str, reference: str) -> str:
     """One family across stages: every model with its size, latency and score; * marks the Pareto front."""
-    s = _scale(task)
+    s = score_scale(task)
     lines = [f"# {title}", "", "| | model | stage | bits | runtime | params | bytes on disk | vs reference | latency (ms) | "
              "speedup | score | vs reference |", "|" + "---|" * 12]
     for r in rows:
@@ -121,7 +117,7 @@ def plot_size_latency(rows: Sequence[dict[str, Any]], path: str | os.PathLike, t
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    s = _scale(task)
+    s = score_scale(task)
     ok = [r for r in rows if r.get("status") == "ok" and r.get("score") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "bytes_on_disk", "bytes on disk (MB, log)"),

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -164,6 +164,26 @@ def calibration_batches(cfg: FinetuneConfig, samples: int) -> list[dict[str, Ten
     collate = collate_fn(tokenizer.pad_token_id or 0)
     rows = [{k: v for k, v in row.items() if k not in LABEL_KEYS} for row in data.train]
     return [collate(rows[i:i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+
+
+EVAL_FIELDS = ("max_seq_len", "doc_stride", "max_eval_samples", "eval_split", "batch_size", "device", "precision")
+
+
+def eval_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The FinetuneConfig fields an evaluation reads, from a run's train fields (a reference is scored as its
+    compressed or pruned models are)."""
+    return {k: v for k, v in fields.items() if k in EVAL_FIELDS}
+
+
+def check_fields(where: str, task: str, fields: Mapping[str, Any], teacher: str | None = None,
+                 drop: tuple[str, ...] = ("data_dir",)) -> None:
+    """A config section of FinetuneConfig fields checked as a run would build it; one line naming ``where``."""
+    given = {"teacher": teacher} if teacher is not None else {}  # a teacher in ``fields`` too: named as twice given
+    try:
+        validate_config(FinetuneConfig(task=task, model="-", **given, **{k: v for k, v in fields.items()
+                                                                          if k not in drop}))
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
 
 
 def validate_config(cfg: FinetuneConfig) -> Task:

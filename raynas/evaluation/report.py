@@ -140,6 +140,11 @@ def report_schema(tasks: Sequence[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def score_scale(task: str) -> float:
+    """Tables print GLUE metrics (fractions) as percentages; SQuAD's F1 / EM are percentages already."""
+    return 1.0 if task.lower().startswith("squad") else 100.0
+
+
 def fmt_number(value: float | None, spec: str, suffix: str = "") -> str:
     """A number for a table; None and nan read '-'."""
     return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from raynas.errors import ConfigError, require
+from raynas.errors import require
 from raynas.orchestration.prune_tune import LatencySettings
 
 STAGES = ["family", "finetune"]  # prune / quantize: their recipes' own run folders skip what is done
@@ -70,12 +70,10 @@ def family_models(cfg: PipelineRunConfig, out: Path) -> dict[str, str]:
     if src.include_teacher:
         members["teacher"] = cfg.teacher
     run = src.run
-    if src.recipe is not None:
-        from raynas.cli import RECIPES
-
-        require(src.recipe in ("autotinybert", "nasbert"), f"family.recipe: expected autotinybert or nasbert, "
-                                                           f"got {src.recipe!r}")
+    if src.recipe is not None:  # a known recipe name (_check_family, before any stage)
         import importlib
+
+        from raynas.cli import RECIPES
 
         run = str(out / "family-run")
         argv = (["--config", src.config] if src.config else []) + [*src.overrides, f"out={run}"]
@@ -109,6 +107,8 @@ def _check_family(src: FamilySource) -> None:
 
 def _finetune_all(cfg: PipelineRunConfig, members: dict[str, str], out: Path) -> dict[str, dict[str, Any]]:
     """Every member fine-tuned on the task: the teacher first, so the others can distil it."""
+    import json
+
     from raynas.evaluation.finetune import FinetuneConfig, finetune
 
     data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None
@@ -122,8 +122,6 @@ def _finetune_all(cfg: PipelineRunConfig, members: dict[str, str], out: Path) ->
                 cfg.distill_members and name != "teacher" and "teacher" in done) else None
             finetune(FinetuneConfig(task=cfg.task, model=members[name], data_dir=data_dir, output_dir=str(folder),
                                     teacher=teacher, **cfg.finetune))
-        import json
-
         results = json.loads(record.read_text())["results"]
         done[name] = {"path": str(folder), "score": float(results["score"])}
         print(f"pipeline: fine-tuned {name}: score {results['score']:.4f}", file=sys.stderr, flush=True)
@@ -210,20 +208,19 @@ def _pareto(cfg: PipelineRunConfig, rows: list[dict[str, Any]], out: Path) -> di
     import tempfile
 
     from raynas.compression.int8_backends import build_backend
+    from raynas.compression.packed_format import bytes_on_disk
     from raynas.evaluation.compression_report import PIPELINE_SCHEMA, pareto_markdown, plot_size_latency
     from raynas.evaluation.latency import measure_modules
     from raynas.evaluation.task_models import load_task_model
     from raynas.tables import to_table, write_parquet
 
     timed = []
-    onnx_dir = tempfile.TemporaryDirectory()  # the sessions hold the graphs; the files go when this closes
-    for i, r in enumerate(rows):
-        model = load_task_model(cfg.task, r["path"])
-        timed.append((r["name"], build_backend(r["runtime"], model, Path(onnx_dir.name) / str(i), "encoder")))
-        weights = Path(r["path"]) / "model.safetensors"
-        r["bytes_on_disk"] = weights.stat().st_size if weights.is_file() else None
-        r["params"] = sum(p.numel() for p in model.parameters())
-    onnx_dir.cleanup()
+    with tempfile.TemporaryDirectory() as onnx_dir:  # the sessions hold the graphs; the files may go
+        for i, r in enumerate(rows):
+            model = load_task_model(cfg.task, r["path"])
+            timed.append((r["name"], build_backend(r["runtime"], model, Path(onnx_dir) / str(i), "encoder")))
+            r["bytes_on_disk"] = bytes_on_disk(r["path"])  # a folder without model.safetensors: one line
+            r["params"] = sum(p.numel() for p in model.parameters())
     lat = cfg.latency
     measured = {m["name"]: m for m in measure_modules(timed, lat.seq_len, lat.batch_size, lat.threads,
                                                       repeats=lat.repeats, device=lat.device)}
@@ -231,11 +228,9 @@ def _pareto(cfg: PipelineRunConfig, rows: list[dict[str, Any]], out: Path) -> di
     for r in rows:
         r["latency_ms"] = measured[r["name"]]["latency_ms"]
         r["speedup"] = measured[ref["name"]]["latency_ms"] / r["latency_ms"]
-        r["size_ratio"] = r["bytes_on_disk"] / ref["bytes_on_disk"] if r["bytes_on_disk"] and ref["bytes_on_disk"] else None
+        r["size_ratio"] = r["bytes_on_disk"] / ref["bytes_on_disk"]
         r["delta_score"] = r["score"] - ref["score"]
         r.update(kind={"finetune": "reference" if r is ref else "extra"}.get(r["stage"], "variant"), status="ok")
-    if any(r["bytes_on_disk"] is None for r in rows):
-        raise ConfigError("pareto: a model folder has no model.safetensors to measure")
     for r, front in zip(rows, pareto_front(rows)):
         r["pareto"] = front
     table = write_parquet(to_table(rows, PIPELINE_SCHEMA), out / "pareto.parquet")

@@ -22,6 +22,7 @@ STAGES = ["split", "finetune", "reference", "latency", "prune", "measure"]
 
 
 def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
+    from raynas.evaluation.finetune import eval_fields
     from raynas.stages import StageRun
 
     if cfg.squad_proxy is not None:  # before preflight: the split is where data_dir points
@@ -37,10 +38,8 @@ def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
         model = run.run("finetune", ft, lambda: finetune_first(cfg, out / "finetuned"))
     assert model is not None
     model = str(Path(model).resolve()) if Path(model).exists() else model  # trials run elsewhere (Ray's cwd)
-    eval_fields = {k: v for k, v in cfg.train.items() if k in ("max_seq_len", "doc_stride", "max_eval_samples",
-                                                                "eval_split", "batch_size", "device", "precision")}
-    reference = run.run("reference", {"model": model, "task": cfg.task, **eval_fields},
-                        lambda: _score(cfg, model, eval_fields))
+    fields = eval_fields(cfg.train)
+    reference = run.run("reference", {"model": model, "task": cfg.task, **fields}, lambda: _score(cfg, model, fields))
     latency = None
     if any((t.kind or cfg.prune.kind) == "speedup" for t in cfg.targets):
         latency = run.run("latency", {"model": model, **asdict(cfg.latency)}, lambda: _fit_latency(cfg, model, out))
@@ -137,7 +136,7 @@ def _raynas_twin(model: str, folder: Path) -> Path | None:
 def _write(cfg: PruneRunConfig, out: Path, model: str, rows: list[dict[str, Any]],
            reference: dict[str, Any]) -> dict[str, Any]:
     from raynas.atomic_io import atomic_file
-    from raynas.evaluation.report import family_report
+    from raynas.evaluation.report import family_report, score_scale
     from raynas.orchestration.prune_tune import ROWS_SCHEMA
     from raynas.tables import to_table, write_parquet
 
@@ -145,7 +144,7 @@ def _write(cfg: PruneRunConfig, out: Path, model: str, rows: list[dict[str, Any]
     text = pruning_markdown(rows, reference, cfg.title, cfg.task)
     with atomic_file(out / "pruning.md") as tmp:
         tmp.write_text(text, encoding="utf-8")
-    scale = 1.0 if cfg.task.lower().startswith("squad") else 100.0
+    scale = score_scale(cfg.task)
     family = [{"model": f"unpruned ({Path(model).name})", "params": reference.get("params"),
                "latency_ms": reference.get("latency_ms"), "speedup": 1.0, cfg.task: scale * reference["score"]}]
     family += [{"model": r["name"], "params": r["params"], "latency_ms": r["latency_ms"], "speedup": r["speedup"],

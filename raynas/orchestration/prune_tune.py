@@ -115,7 +115,7 @@ def preflight(cfg: PruneRunConfig, split_pending: bool = False) -> None:
     ``split_pending``: ``data_dir`` is the SQuAD proxy split still to be made; its source is checked instead.
     """
     from raynas.compression.targets import TARGET_KINDS
-    from raynas.evaluation.finetune import FinetuneConfig, validate_config
+    from raynas.evaluation.finetune import check_fields
     from raynas.evaluation.tasks import get_task, load_task_split
 
     require(bool(cfg.task), "task: which task to prune for (sst2, qnli, squad, ...)")
@@ -138,12 +138,8 @@ def preflight(cfg: PruneRunConfig, split_pending: bool = False) -> None:
     require(not dupes, f"targets: two jobs named {', '.join(dupes)}; give them distinct names")
     for section in ("train", "finetune"):
         fields = getattr(cfg, section)
-        try:
-            teacher = "-" if section == "train" and cfg.distill else fields.get("teacher")  # jobs distil the source
-            validate_config(FinetuneConfig(task=cfg.task, model="-", teacher=teacher,
-                                           **{k: v for k, v in fields.items() if k not in ("data_dir", "teacher")}))
-        except TypeError as exc:
-            raise ConfigError(f"{section}: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
+        teacher = "-" if section == "train" and cfg.distill else fields.get("teacher")  # jobs distil the source
+        check_fields(section, cfg.task, fields, teacher, drop=("data_dir", "teacher"))
     if cfg.squad_proxy is not None:
         from raynas.evaluation.tasks import load_squad_articles
 
@@ -241,9 +237,9 @@ def rows_for(todo: list[PruneJob], records: dict[str, dict[str, Any] | None], er
 
 def pruning_markdown(rows: list[dict[str, Any]], reference: dict[str, Any], title: str, task: str) -> str:
     """The per-target table: what was asked, what was achieved, what it costs and scores."""
-    from raynas.evaluation.report import fmt_number
+    from raynas.evaluation.report import fmt_number, score_scale
 
-    scale = 1.0 if task.startswith("squad") else 100.0
+    scale = score_scale(task)
     head = ("| job | method | target | achieved | params sparsity | FLOPs sparsity | latency (ms) | speedup "
             "(measured / same format / predicted) | score | vs unpruned | gated vs removed |")
     lines = [f"# {title}", "", head, "|" + "---|" * 11,

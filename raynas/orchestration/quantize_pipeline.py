@@ -25,10 +25,10 @@ from raynas.compression.compress_run import LOGITS, finished
 from raynas.orchestration.quantize_tune import QuantizeRunConfig, _folder, jobs, preflight, run_waves
 
 STAGES = ["finetune", "reference"]  # compress: per-job records; measure: always rerun (see the module doc)
-EVAL_FIELDS = ("max_seq_len", "doc_stride", "max_eval_samples", "eval_split", "batch_size")
 
 
 def run_quantize(cfg: QuantizeRunConfig) -> dict[str, Any]:
+    from raynas.evaluation.finetune import eval_fields
     from raynas.stages import StageRun
 
     preflight(cfg)
@@ -45,8 +45,7 @@ def run_quantize(cfg: QuantizeRunConfig) -> dict[str, Any]:
     model = _folder(model)
     fixed = {"model": model, "teacher": _folder(cfg.teacher) if cfg.teacher else None,
              **{f"extra:{k}": _folder(v) for k, v in cfg.extra_models.items()}}
-    eval_fields = {k: v for k, v in cfg.train.items() if k in EVAL_FIELDS}
-    references = run.run("reference", {"task": cfg.task, **fixed, **eval_fields},
+    references = run.run("reference", {"task": cfg.task, **fixed, **eval_fields(cfg.train)},
                          lambda: {k: _score(cfg, p) for k, p in fixed.items() if p is not None})
     waves = jobs(cfg)
     errors = run_waves(cfg, waves)
@@ -59,30 +58,38 @@ def run_quantize(cfg: QuantizeRunConfig) -> dict[str, Any]:
     return {"rows": rows, "backends": backends, **files}
 
 
-def _eval_cfg(cfg: QuantizeRunConfig, model: str) -> Any:
-    from raynas.evaluation.finetune import FinetuneConfig
+def _eval_cfg(task: str, model: str, train: dict[str, Any], data_dir: str | None) -> Any:
+    """How ``model`` is scored: the evaluation fields of ``train`` (the run's, or a job's own)."""
+    from raynas.evaluation.finetune import FinetuneConfig, eval_fields
 
-    data_dir = str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None
-    return FinetuneConfig(task=cfg.task, model=model, data_dir=data_dir,
-                          **{k: v for k, v in cfg.train.items() if k in EVAL_FIELDS})
+    return FinetuneConfig(task=task, model=model, data_dir=data_dir, **eval_fields(train))
+
+
+def _data_dir(cfg: QuantizeRunConfig) -> str | None:
+    return str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None
 
 
 def _score(cfg: QuantizeRunConfig, model: str) -> float:
     from raynas.evaluation.finetune import evaluate_only
 
-    score = float(evaluate_only(_eval_cfg(cfg, model))["score"])
+    score = float(evaluate_only(_eval_cfg(cfg.task, model, cfg.train, _data_dir(cfg)))["score"])
     print(f"quantize: {model}: score {score:.4f}", file=sys.stderr, flush=True)
     return score
 
 
 def _bytes(folder: str) -> int | None:
+    """Bytes on disk of a local folder's weights; None for a hub name (nothing on this disk to measure)."""
     path = Path(folder) / "model.safetensors"
     return path.stat().st_size if path.is_file() else None
 
 
 def _reload_check(cfg: QuantizeRunConfig, record: dict[str, Any], job_dir: Path,
                   onnx_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """The reloaded folder on its runtime (task model), its dev score and agreement with the saved outputs."""
+    """The reloaded folder on its runtime (task model), its dev score and agreement with the saved outputs.
+
+    Scored with the job's own evaluation fields (a variant may override max_seq_len), so
+    the outputs compared are of the same inputs.
+    """
     from raynas.compression.compress_run import stack_outputs
     from raynas.compression.int8_backends import build_backend
     from raynas.evaluation.finetune import evaluate_module
@@ -91,7 +98,11 @@ def _reload_check(cfg: QuantizeRunConfig, record: dict[str, Any], job_dir: Path,
     model = load_task_model(cfg.task, record["path"])
     runner = build_backend(record["runtime"], model, onnx_dir / record["name"], "task")
     outputs: list[Any] = []
-    scored = evaluate_module(_eval_cfg(cfg, record["path"]), runner, outputs=outputs)
+    # the job's inputs (its own max_seq_len, ...) on this process's device, not the trial's
+    train = {**{k: v for k, v in record["job"]["train"].items() if k not in ("device", "precision")},
+             **{k: v for k, v in cfg.train.items() if k in ("device", "precision")}}
+    scored = evaluate_module(_eval_cfg(cfg.task, record["path"], train, train.get("data_dir")), runner,
+                             outputs=outputs)
     now, before = stack_outputs(outputs), np.load(job_dir / LOGITS)
     same_shape = now.shape == before.shape
     agree = float(np.mean(np.nanargmax(now, -1) == np.nanargmax(before, -1))) if same_shape else 0.0
@@ -113,8 +124,10 @@ def _measure_in(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references
                 records: dict[str, dict[str, Any] | None], errors: dict[str, str],
                 onnx_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from raynas.compression.int8_backends import build_backend
+    from raynas.evaluation.finetune import evaluate_module
     from raynas.evaluation.latency import measure_modules
     from raynas.evaluation.task_models import load_task_model
+    from raynas.orchestration.quantize_tune import backends_of
 
     fp32_bytes = _bytes(fixed["model"] or "")
     base = references["model"]
@@ -126,6 +139,8 @@ def _measure_in(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references
         kind = "reference" if key == "model" else "teacher" if key == "teacher" else "extra"
         name = "fp32" if key == "model" else "teacher" if key == "teacher" else key.split(":", 1)[1]
         model = load_task_model(cfg.task, path)
+        if key == "model":
+            fp32 = model  # the int8 backends quantize this one
         timed.append((name, model.base_model))
         rows.append({"name": name, "kind": kind, "method": None, "source": path, "bits": "fp32",
                      "runtime": "torch_fp32", "bytes_on_disk": _bytes(path), "score": references[key],
@@ -141,19 +156,12 @@ def _measure_in(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references
         bsr = _block_sparse(record, model)
         if bsr is not None:
             timed.append((f"{name}:bsr", bsr))
-        from raynas.compression.compress_run import pruned_fraction
-        from raynas.compression.packed_format import load_encoded
-
         rows.append({**{k: record[k] for k in ("name", "method", "source", "bits", "runtime", "bytes_on_disk",
-                                                "payload_bits", "max_abs_diff", "path")},
-                     "sparsity": pruned_fraction(model, load_encoded(record["path"])),  # as stored in the folder
+                                                "payload_bits", "sparsity", "max_abs_diff", "path")},
                      "kind": "variant", **check, "score_in_job": record["score"],
                      "train_time_s": (record.get("train") or {}).get("train_time_s"), "status": "ok"})
         print(f"quantize: {name}: reloaded score {check['score']:.4f}, agreement {check['reload_agreement']:.4f}",
               file=sys.stderr, flush=True)
-    fp32 = load_task_model(cfg.task, fixed["model"] or "")
-    from raynas.orchestration.quantize_tune import backends_of
-
     backend_names = [b for b in backends_of(cfg) if b != "torch_fp32"]
     backend_modules = [(f"backend:{b}", build_backend(b, fp32, onnx_dir / "backends", "encoder")) for b in backend_names]
     lat = cfg.latency
@@ -176,9 +184,8 @@ def _measure_in(cfg: QuantizeRunConfig, fixed: dict[str, str | None], references
                  "bytes": fp32_bytes}] if backend_names else []
     for b in backend_names:
         task_runner = build_backend(b, fp32, onnx_dir / "backends", "task")
-        from raynas.evaluation.finetune import evaluate_module
-
-        score = float(evaluate_module(_eval_cfg(cfg, fixed["model"] or ""), task_runner)["score"])
+        score = float(evaluate_module(_eval_cfg(cfg.task, fixed["model"] or "", cfg.train, _data_dir(cfg)),
+                                      task_runner)["score"])
         backends.append({"backend": b, **_latency(by_name[f"backend:{b}"], ref_ms), "score": score,
                          "delta_score": score - base, "bytes": getattr(task_runner, "file_bytes", None)})
     return rows, backends

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raynas.compression.compress_run import METHODS, RUNTIMES, CompressJob, finished
+from raynas.compression.compress_run import METHODS, MODEL_DIR, RUNTIMES, CompressJob, finished
 from raynas.compression.int8_backends import BACKENDS
 from raynas.errors import ConfigError, require
 from raynas.orchestration.prune_tune import LatencySettings, _check_writable, check_task_head
@@ -98,7 +98,7 @@ def jobs(cfg: QuantizeRunConfig) -> list[list[CompressJob]]:
         for v in cfg.variants:
             if v.name in placed or (v.source in by_name and v.source not in placed):
                 continue
-            source = model if v.source is None else folders.get(v.source) or str(out / "jobs" / v.source / "model")
+            source = model if v.source is None else folders.get(v.source) or str(out / "jobs" / v.source / MODEL_DIR)
             wave.append(CompressJob(v.name, cfg.task, source, str(out / "jobs" / v.name), v.method,
                                     dict(v.settings), _train_fields(cfg, v),
                                     teacher if cfg.distill and v.method in TRAINED else None, v.runtime))
@@ -111,7 +111,7 @@ def jobs(cfg: QuantizeRunConfig) -> list[list[CompressJob]]:
 
 def preflight(cfg: QuantizeRunConfig) -> None:
     """Every check that needs no training, in the driver, before Ray starts; one message naming the field."""
-    from raynas.evaluation.finetune import FinetuneConfig, validate_config
+    from raynas.evaluation.finetune import check_fields
     from raynas.evaluation.tasks import get_task, load_task_split
 
     require(bool(cfg.task), "task: which task the model is fine-tuned for (sst2, qnli, squad, ...)")
@@ -140,17 +140,14 @@ def preflight(cfg: QuantizeRunConfig) -> None:
         for split in ("train", "validation"):
             load_task_split(task.name, split, cfg.data_dir)  # names the missing or malformed file
     if cfg.finetune_from is not None:
-        try:
-            validate_config(FinetuneConfig(task=cfg.task, model="-", **cfg.finetune))
-        except TypeError as exc:
-            raise ConfigError(f"finetune: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
+        check_fields("finetune", cfg.task, cfg.finetune, drop=())
     _check_writable(Path(cfg.out))
 
 
 def check_variants(cfg: QuantizeRunConfig, shapes: bool) -> None:
     """The variants' names, methods, sources, settings and train fields; with ``shapes``, against the model's shapes."""
-    from raynas.compression.compress_run import make_hooks
-    from raynas.evaluation.finetune import FinetuneConfig, validate_config
+    from raynas.compression.compress_run import parse_settings
+    from raynas.evaluation.finetune import check_fields
 
     require(bool(cfg.variants), "variants: give at least one variant (e.g. {name: int8, method: int8})")
     names = [v.name for v in cfg.variants]
@@ -163,23 +160,16 @@ def check_variants(cfg: QuantizeRunConfig, shapes: bool) -> None:
         require(v.runtime in RUNTIMES, f"{where}.runtime: expected one of {', '.join(RUNTIMES)}, got {v.runtime!r}")
         require(v.source is None or v.source in names or v.source in cfg.extra_models,
                 f"{where}.source: {v.source!r} is neither a variant nor an extra_models name")
-        if v.method in ("qat", "kmeans", "sparsify"):
-            hooks = make_hooks(v.method, v.settings, f"{where}")  # bits outside the set, sparsity >= 1, ... fail here
+        if v.method in TRAINED:
+            settings = parse_settings(v.method, v.settings, where)  # bits outside the set, sparsity >= 1, ...
             if v.method == "sparsify" and shapes:
                 try:
-                    hooks.settings.check(_meta_model(_root_source(cfg, v)))  # the block must tile every weight
+                    settings.check(_meta_model(_root_source(cfg, v)))  # the block must tile every weight
                 except ConfigError as exc:
                     raise ConfigError(f"{where}.settings: {exc}") from None
-        elif v.method == "mixed":
-            _check_mixed(v.settings, where)
         else:
             require(not v.settings, f"{where}.settings: int8 takes no settings (got {sorted(v.settings)})")
-        fields = _train_fields(cfg, v)
-        try:
-            validate_config(FinetuneConfig(task=cfg.task, model="-", teacher="-" if cfg.distill else None,
-                                           **{k: val for k, val in fields.items() if k not in ("data_dir",)}))
-        except TypeError as exc:
-            raise ConfigError(f"{where}.train: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
+        check_fields(f"{where}.train", cfg.task, _train_fields(cfg, v), "-" if cfg.distill else None)
     jobs(cfg)  # a cycle of sources
 
 
@@ -205,23 +195,6 @@ def _meta_model(path: str) -> Any:
     config = AutoConfig.from_pretrained(resolve_teacher(path, "model"))
     with torch.device("meta"):
         return AutoModel.from_config(config)
-
-
-def _check_mixed(settings: dict[str, Any], where: str) -> None:
-    from raynas.compression.encoding import KMEANS_BITS
-
-    known = {"candidate_bits", "size_fraction", "calibration_samples", "iters", "train_codebook"}
-    extra = sorted(set(settings) - known)
-    require(not extra, f"{where}.settings: unknown field(s) {', '.join(extra)} (known: {', '.join(sorted(known))})")
-    for b in settings.get("candidate_bits", [2, 3, 4, 8]):
-        require(b in KMEANS_BITS, f"{where}.settings.candidate_bits: {b!r} is not a supported width {KMEANS_BITS}")
-    fraction = settings.get("size_fraction", 0.1)
-    require(isinstance(fraction, (int, float)) and 0 < fraction < 1,
-            f"{where}.settings.size_fraction: expected a fraction of the fp32 size in (0, 1), got {fraction!r}")
-    narrowest = min(settings.get("candidate_bits", [2, 3, 4, 8]))
-    require(32 * fraction >= narrowest, f"{where}.settings.size_fraction: {fraction:g} of fp32 is "
-                                        f"{32 * fraction:.2f} bits per weight, below the narrowest candidate width "
-                                        f"({narrowest} bits)")
 
 
 def _check_model(field_name: str, model: str, task: Any) -> None:
@@ -265,20 +238,21 @@ def run_waves(cfg: QuantizeRunConfig, waves: list[list[CompressJob]]) -> dict[st
     from raynas.orchestration.job_trials import run_job_trials
 
     errors: dict[str, str] = {}
-    total = sum(len(w) for w in waves)
-    done = sum(1 for w in waves for j in w if finished(j.out_dir) is not None)
-    print(f"quantize: {total} variant(s) in {len(waves)} wave(s), {done} finished earlier", file=sys.stderr,
+    records = {j.name: finished(j.out_dir) for w in waves for j in w}  # running a wave finishes none of the later
+    done = sum(r is not None for r in records.values())
+    print(f"quantize: {len(records)} variant(s) in {len(waves)} wave(s), {done} finished earlier", file=sys.stderr,
           flush=True)
+    model_of = {j.name: str(Path(j.out_dir) / MODEL_DIR) for w in waves for j in w}
     for i, wave in enumerate(waves):
         pending = []
         for job in wave:
-            record = finished(job.out_dir)
+            record = records[job.name]
             if record is not None:
                 changed = config_diff(_comparable(record["job"]), _comparable(asdict(job)))
                 require(not changed, f"variants: {job.name} finished in {job.out_dir} with a different config "
                                      f"({'; '.join(changed[:4])}); use a new out folder or delete that job folder")
                 continue
-            broken = next((name for name in errors if job.model.endswith(f"/jobs/{name}/model")), None)
+            broken = next((name for name in errors if job.model == model_of.get(name)), None)
             if broken is not None:
                 errors[job.name] = f"not run: its source {broken} failed"
                 continue
