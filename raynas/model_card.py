@@ -216,15 +216,16 @@ def latency_section(latency: dict[str, Any] | None) -> str:
     body = ("Not measured at export. `raynas autotinybert` / `raynas nasbert` write their re-measurement of "
             "their final models here; `raynas evaluate` times any folder against a reference.")
     if latency and latency.get("latency_ms") is not None:
-        parts = [f"{latency['latency_ms']:.2f} ms" + (f" (p90 {latency['latency_p90_ms']:.2f} ms)"
-                                                     if latency.get("latency_p90_ms") else "")]
+        body = f"Measured: {latency['latency_ms']:.2f} ms" + (f" (p90 {latency['latency_p90_ms']:.2f} ms)"
+                                                             if latency.get("latency_p90_ms") else "")
+        if latency.get("batch_size") is not None and latency.get("seq_len") is not None:
+            body += f" per batch of {latency['batch_size']} × {latency['seq_len']} tokens"
+        setting = ", ".join(f"{k} {latency[k]}" for k in ("threads", "device") if latency.get(k) is not None)
+        body += f" ({setting})" if setting else ""
         if latency.get("speedup"):
-            parts.append(f"speedup {latency['speedup']:.2f}× over `{latency.get('reference')}`"
-                         + (f" ({latency['reference_ms']:.2f} ms, timed interleaved)" if latency.get("reference_ms")
-                            else ""))
-        setting = ", ".join(f"{k} {latency[k]}" for k in ("batch_size", "seq_len", "threads", "device")
-                            if latency.get(k) is not None)
-        body = "Measured: " + "; ".join(parts) + (f" ({setting})" if setting else "") + "."
+            body += f"; {latency['speedup']:.2f}× the speed of `{latency.get('reference')}`" + (
+                f" ({latency['reference_ms']:.2f} ms)" if latency.get("reference_ms") else "") + ", timed interleaved"
+        body += "."
     if latency and latency.get("predicted_speedup"):
         body += f" Predicted speedup (latency model fitted on this machine): {latency['predicted_speedup']:.2f}×."
     return f"<!-- raynas:latency -->\n{body}\n<!-- /raynas:latency -->"

@@ -198,11 +198,19 @@ def test_pruned_folder_card(finetuned, tmp_path, capsys):  # noqa: F811
 
 
 def test_measured_latency_replaces_the_block(tmp_path):
+    from raynas.orchestration.autotinybert import _cards_with_latency
+    from raynas.search.latency_data import LatencyConfig
+
     net = tiny_supernet("mlm")
     path = export_model(net.extract("2-48-64-2-32"), tmp_path / "m").path
     assert "Not measured" in _card(path)
     assert set_card_latency(path, {"latency_ms": 1.5, "speedup": 2.0, "reference": "ref", "reference_ms": 3.0,
                                    "batch_size": 1, "seq_len": 128, "threads": 1})
     card = _card(path)
-    assert "Not measured" not in card and "1.50 ms" in card and "speedup 2.00×" in card
+    assert "Not measured" not in card and "1.50 ms" in card and "2.00× the speed of `ref`" in card
     assert not set_card_latency(tmp_path, {"latency_ms": 1.0})  # no card there
+    # raynas autotinybert's measure stage: rows without a model (no arch met the budget) are skipped
+    _cards_with_latency([{"path": str(path), "measured_latency_ms": 0.75, "measured_latency_p90_ms": 0.8,
+                          "measured_speedup": 4.0}, {"budget": "3x"}], "largest", 3.0, LatencyConfig())
+    card = _card(path)
+    assert card.count("<!-- raynas:latency -->") == 1 and "0.75 ms (p90 0.80 ms)" in card and "4.00×" in card

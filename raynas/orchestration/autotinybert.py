@@ -316,7 +316,20 @@ def stage_measure(cfg: PipelineConfig, supernet_dir: str, search: dict[str, Any]
                      "val_loss_after": first_metric(m, "val_loss"), "measured_latency_ms": t["latency_ms"],
                      "measured_latency_p90_ms": t["latency_p90_ms"], "reference_latency_ms": ref_ms,
                      "measured_speedup": ref_ms / t["latency_ms"], "note": "cut from the teacher, trained the same way"})
+    _cards_with_latency(rows, reference, ref_ms, lat)
     return {"reference": reference, "reference_ms": ref_ms, "models": rows}
+
+
+def _cards_with_latency(rows: list[dict[str, Any]], reference: str, ref_ms: float, lat: LatencyConfig) -> None:
+    """Each measured model's card (README.md) gets its measured latency and speedup over the reference."""
+    from raynas.model_card import set_card_latency
+
+    for r in rows:
+        if r.get("path") and r.get("measured_latency_ms") is not None:
+            set_card_latency(r["path"], {
+                "latency_ms": r["measured_latency_ms"], "latency_p90_ms": r.get("measured_latency_p90_ms"),
+                "speedup": r.get("measured_speedup"), "reference": reference, "reference_ms": ref_ms,
+                "batch_size": lat.batch_size, "seq_len": lat.seq_len, "threads": lat.threads, "device": lat.device})
 
 
 def _budget_speedups(search: dict[str, Any]) -> dict[str, float | None]:

@@ -280,6 +280,7 @@ def stage_measure(cfg: NasbertConfig, approx: dict[str, Any]) -> dict[str, Any]:
 
     import raynas  # noqa: F401  (registers the raynas model type with AutoModel)
     from raynas.evaluation.latency import compare_latency
+    from raynas.model_card import set_card_latency
     from raynas.teachers import resolve_teacher
 
     family = approx["family"]
@@ -307,6 +308,10 @@ def stage_measure(cfg: NasbertConfig, approx: dict[str, Any]) -> dict[str, Any]:
         rows.append({"budget": label, **f, **loaded[f["model"]], "measured_params": int(t["params"]),
                      "latency_ms": t["latency_ms"], "speedup": t["speedup"],
                      "within_budget": bool(f["cost"] <= f["budget_value"])})
+        set_card_latency(f["model"], {"latency_ms": t["latency_ms"], "latency_p90_ms": t.get("latency_p90_ms"),
+                                      "speedup": t["speedup"], "reference": cfg.teacher,
+                                      "reference_ms": timed[ref]["latency_ms"], "batch_size": m.batch_size,
+                                      "seq_len": m.seq_len, "threads": m.threads})
     return {"models": rows, "teacher_ms": timed[ref]["latency_ms"], "teacher_params": int(timed[ref]["params"])}
 
 
