@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -87,9 +88,28 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     errors: list[str] = []
     value = _build(cls, raw, "", errors)
     if errors:
-        where = f"{path}: " if path else ""
-        raise ConfigError(where + _join(errors))
+        raise ConfigError(_attributed(errors, path, overrides))
     return value
+
+
+def _attributed(errors: Sequence[str], path: str | Path | None, overrides: Sequence[str]) -> str:
+    """The errors, each named by where the bad value came from: the YAML file or the ``key=value`` that set it.
+
+    A typo on the command line (``stesp=10``) must not send the user looking in a file they never changed.
+    """
+    setters = {item.partition("=")[0]: item for item in overrides}
+
+    def source(error: str) -> str:
+        name = error.split(":", 1)[0].strip()
+        for key, item in setters.items():
+            if name == key or name.startswith(key + ".") or key.startswith(name + "."):
+                return f"command line {item!r}"
+        return str(path) if path else ""
+
+    sources = [source(e) for e in errors]
+    if len(set(sources)) == 1:
+        return (f"{sources[0]}: " if sources[0] else "") + _join(errors)
+    return _join([f"{s}: {e}" if s else e for s, e in zip(sources, errors)])
 
 
 def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
@@ -100,7 +120,9 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     before = len(errors)
     for key in sorted(set(raw) - set(fields)):
-        errors.append(f"{prefix}{key}: unknown key (expected one of {sorted(fields)})")
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"expected one of {sorted(fields)}"
+        errors.append(f"{prefix}{key}: unknown key ({hint})")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
