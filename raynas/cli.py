@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from raynas.errors import ConfigError
 
@@ -38,6 +38,21 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in RECIPES.items()]
     lines += ["", "Run 'raynas COMMAND --help' for a command's options."]
     return "\n".join(lines)
+
+
+DRY_RUN_HELP = ("check the config, every input and the output location, say what would run, and stop before any "
+                "work: nothing is written, no Ray is started")
+
+
+def add_dry_run(parser: Any) -> None:
+    """The one ``--dry-run`` flag every recipe takes (the documented examples are tested with it)."""
+    parser.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+
+
+def dry_run_done(prog: str, plan: str) -> int:
+    """What a dry run prints once every check has passed; exit code 0."""
+    print(f"{prog}: dry run: all checks passed; {plan}; nothing written")
+    return 0
 
 
 def run_recipe(main: Callable[[Sequence[str]], int | None], argv: Sequence[str], prog: str) -> int:

@@ -96,6 +96,11 @@ class StageRun:
             raise ConfigError("; ".join(problems) + ". Use a new 'out' folder, or delete the stage's output and its "
                                                     f"entry in {self.root / STAGES_FILE} to redo it")
 
+    def status(self) -> str:
+        """``supernet done, latency to run, ...``: what a rerun of this folder would skip and run (dry runs)."""
+        return ", ".join(f"{n} {'done' if self.done(n) else 'started' if n in self.records else 'to run'}"
+                         for n in self.names)
+
     def done(self, name: str) -> bool:
         return bool(self.records.get(name, {}).get("done"))
 

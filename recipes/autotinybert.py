@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.config_loading import load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "autotinybert-tiny.yaml"
@@ -33,14 +33,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="pipeline YAML (sections init, supernet, latency, search, further; default: the offline demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. out=runs/x search.generations=2 further.steps=0")
+    add_dry_run(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
-    from raynas.orchestration.autotinybert import PipelineConfig, run_pipeline
-
     args = parse_args(argv)
+    from raynas.orchestration.autotinybert import PipelineConfig, check, run_dir, run_pipeline
+
     cfg = load_config(PipelineConfig, args.config, args.overrides)
+    if args.dry_run:
+        stages, _ = check(cfg)
+        return dry_run_done("raynas autotinybert", f"run folder {run_dir(cfg)}: {stages.status()}")
     result = run_pipeline(cfg)
     width = max([6, *(len(str(r.get("budget"))) for r in result["models"])])
     print(f"{'budget':<{width}}  {'arch':<22} {'params':>11} {'proxy':>7} {'pred ms':>8} {'meas ms':>8} "

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.errors import ConfigError
 from raynas.tables import to_table, write_parquet
 
@@ -88,6 +88,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     _supernet_args(s, archs=8, out="runs/bench/supernet.parquet")
     s.add_argument("--repeats", type=int, default=5, help="timed steps per model and arch; the median counts (default: 5)")
     s.add_argument("--warmup", type=int, default=1, help="untimed steps per model and arch first (default: 1)")
+    add_dry_run(s)
     s.set_defaults(run=bench_supernet)
 
     f = sub.add_parser(
@@ -100,6 +101,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     _supernet_args(f, archs=100, out="runs/bench/fitness.parquet")
     f.add_argument("--batches", type=int, default=2, help="validation batches (default: 2)")
+    add_dry_run(f)
     f.set_defaults(run=bench_fitness)
 
     t = sub.add_parser(
@@ -126,6 +128,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="folder for the runs and bench_train.parquet (default: runs/bench-train)")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted TrainConfig overrides, e.g. batch_size=16 corpus.seq_len=128 deepspeed.zero_stage=1")
+    add_dry_run(t)
     t.set_defaults(run=bench_train)
 
     r = sub.add_parser(
@@ -157,6 +160,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="folder for the runs, ranking.parquet and ranking.json (default: runs/bench-ranking)")
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted TrainConfig overrides for the stand-alone runs, e.g. batch_size=16 lr=5e-4")
+    add_dry_run(r)
     r.set_defaults(run=bench_ranking)
 
     q = sub.add_parser(
@@ -174,6 +178,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     q.add_argument("--config", metavar="YAML", help="SearchConfig YAML (budgets, generations, population, corpus ...)")
     q.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="SearchConfig overrides, e.g. budgets='[2x,4x]'")
+    add_dry_run(q)
     q.set_defaults(run=bench_search)
     return p.parse_args(argv)
 
@@ -211,6 +216,26 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _check_out(args: argparse.Namespace, table: bool) -> None:
+    """``--out`` (a Parquet file when ``table``, else a folder) can be written: checked before any work."""
+    from raynas.atomic_io import check_writable
+
+    check_writable(Path(args.out).parent if table else args.out, "--out")
+
+
+def _dry_run(args: argparse.Namespace, plan: str) -> int:
+    """The source checked without building it (a fresh supernet of a shipped space is BERT-base sized), then done."""
+    if getattr(args, "supernet", None) is not None:
+        from raynas.supernet import load_supernet
+
+        load_supernet(args.supernet)
+    elif hasattr(args, "space"):
+        from raynas.spaces import load_space
+
+        load_space(args.space or DEFAULT_SPACE)
+    return dry_run_done(f"raynas bench {args.bench}", plan)
+
+
 def _supernet(args: argparse.Namespace) -> Any:
     """The supernet of ``--supernet`` or a seeded fresh one of ``--space``; sets ``--threads``."""
     import torch
@@ -232,6 +257,9 @@ def _supernet(args: argparse.Namespace) -> Any:
 def bench_fitness(args: argparse.Namespace) -> int:
     _positive(args, "batches", "batch", "seq-len", "threads")
     _positive(args, "archs", least=2)
+    _check_out(args, table=True)
+    if args.dry_run:
+        return _dry_run(args, f"{args.archs} archs x {args.batches} batches of {args.batch} x {args.seq_len}")
     import torch
 
     from raynas.benchmarks.proxy_fitness import bench_proxy_fitness, mlm_batches
@@ -261,6 +289,9 @@ def bench_fitness(args: argparse.Namespace) -> int:
 def bench_supernet(args: argparse.Namespace) -> int:
     _positive(args, "archs", "batch", "seq-len", "repeats", "threads")
     _positive(args, "warmup", least=0)
+    _check_out(args, table=True)
+    if args.dry_run:
+        return _dry_run(args, f"{args.archs} archs, batch {args.batch} x {args.seq_len}, {args.repeats} repeats")
     import torch
 
     from raynas.benchmarks import bench_step_time
@@ -310,6 +341,12 @@ def bench_train(args: argparse.Namespace) -> int:
     if args.no_deepspeed:
         overrides.append("deepspeed.enabled=false")
     cfg = load_config(TrainConfig, args.config, overrides)
+    _check_out(args, table=False)
+    if args.dry_run:
+        from raynas.orchestration.supernet_training import preflight
+
+        preflight(cfg)
+        return _dry_run(args, f"{cfg.steps} steps at {workers} worker(s), supernet and its largest sub-model")
 
     def progress(row: dict[str, Any]) -> None:
         print(f"bench train: {row['config']} x{row['workers']}: {row['tokens_per_s']:,.0f} tokens/s "
@@ -337,6 +374,11 @@ def bench_ranking(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     cfg = load_config(TrainConfig, args.config, overrides)
+    _check_out(args, table=False)
+    if not Path(args.supernet).is_dir():
+        raise ConfigError(f"--supernet {args.supernet}: no such folder")
+    if args.dry_run:
+        return _dry_run(args, f"{args.archs} archs trained stand-alone for {cfg.steps} steps each")
     rows, summary = run_bench(cfg, args.supernet, args.out, k=args.archs, seed=args.seed, val_batches=args.val_batches)
     print(format_table(rows))
     print(format_summary(summary))
@@ -369,6 +411,9 @@ def bench_search(args: argparse.Namespace) -> int:
         predictor = LatencyPredictor.load(args.predictor)
     constraint = Constraint(net.space, cfg.constraint, predictor, seq_len=cfg.seq_len)
     constraint.budgets(cfg.budgets)  # every budget checked before Ray starts
+    _check_out(args, table=False)
+    if args.dry_run:
+        return _dry_run(args, f"evolution and random search, seeds {seeds}, budgets {cfg.budgets}")
     out = Path(args.out)
     batches = corpus_validation_batches(cfg, load_supernet_tokenizer(args.supernet), out)
     per_budget, per_run = compare_strategies(args.supernet, constraint, cfg, out, batches, seeds=seeds,

@@ -1,7 +1,7 @@
 """raynas evaluate: fine-tune models on GLUE / SQuAD as a Ray Tune sweep, then report the family.
 
     raynas evaluate --config recipes/configs/evaluate-quick.yaml
-    raynas evaluate --models runs/family/* --tasks sst2 qnli --data-dir ../shared/data/glue --reference teacher/
+    raynas evaluate --models runs/family/*/ --tasks sst2 qnli --data-dir ../shared/data/glue --reference teacher/
     raynas evaluate --config recipes/configs/evaluate-glue.yaml models='[a, b]' search.lr='[2e-5]'
 
 Every trial lands in OUT/trials.parquet, the best setting per (model, task) in
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from raynas.cli import run_recipe
+from raynas.atomic_io import check_writable
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
 from raynas.orchestration.finetune_sweep import TRIAL_SCHEMA, SweepConfig, best_per_task, run_sweep
@@ -61,6 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default: runs/evaluate)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides anywhere on the line, e.g. search.lr='[2e-5]'")
+    add_dry_run(p)
     # key=value tokens are overrides wherever they stand (--tasks a b would otherwise swallow them)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = p.parse_args([a for a in argv if a not in overrides])
@@ -73,7 +75,12 @@ def main(argv: Sequence[str]) -> int:
     flags = {k: v for k, v in {"models": args.models, "tasks": args.tasks, "data_dir": args.data_dir,
                                "reference": args.reference, "out": args.out}.items() if v is not None}
     cfg = load_config(EvaluateConfig, args.config, [*args.overrides, *(_as_override(k, v) for k, v in flags.items())])
-    out = Path(cfg.out)
+    out = check_writable(cfg.out, "out")
+    if args.dry_run:
+        from raynas.orchestration.finetune_sweep import preflight
+
+        tasks = preflight(cfg)
+        return dry_run_done("raynas evaluate", f"{len(cfg.models)} model(s) x tasks {tasks} into {out}")
 
     rows = run_sweep(cfg, out)
     write_parquet(to_table(rows, TRIAL_SCHEMA), out / "trials.parquet")

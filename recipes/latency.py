@@ -22,13 +22,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from raynas.cli import run_recipe
+from raynas.atomic_io import check_writable
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
-from raynas.orchestration.latency_tasks import runner_from_config
-from raynas.search.latency_data import DATA_FILE, PREDICTOR_DIR, REPORT_FILE, LatencyConfig, build_latency_predictor
-from raynas.spaces import load_space
-from raynas.supernet import SupernetConfig, load_supernet
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -40,12 +37,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a dataset with the same settings)")
     p.add_argument("--config", help="YAML with LatencyConfig fields; key=value overrides win")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="LatencyConfig fields, e.g. n_archs=200")
+    add_dry_run(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    from raynas.orchestration.latency_tasks import runner_from_config
+    from raynas.search.latency_data import (
+        DATA_FILE,
+        PREDICTOR_DIR,
+        REPORT_FILE,
+        LatencyConfig,
+        build_latency_predictor,
+        check_reference,
+    )
+    from raynas.spaces import load_space
+    from raynas.supernet import SupernetConfig, load_supernet
+
     cfg = load_config(LatencyConfig, args.config, args.overrides)
+    out = check_writable(args.out, "--out")
     if args.supernet:
         if not Path(args.supernet).is_dir():
             raise ConfigError(f"--supernet {args.supernet}: no such folder")
@@ -55,7 +66,10 @@ def main(argv: Sequence[str]) -> int:
     else:
         space = load_space(args.space)
         supernet_config = SupernetConfig(space=space.to_dict()).to_dict()
-    out = Path(args.out)
+    if args.dry_run:
+        check_reference(cfg.reference)
+        return dry_run_done("raynas latency", f"{cfg.n_archs} archs of space {space.name!r} timed "
+                                              f"({cfg.batch_size} x {cfg.seq_len}, {cfg.device}) into {out}")
 
     predictor = build_latency_predictor(space, out, config=cfg, supernet_config=supernet_config,
                                         runner=runner_from_config(cfg))

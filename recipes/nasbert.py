@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "nasbert-tiny.yaml"
 
@@ -39,15 +39,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="stop after this stage (a later run with the same OUT goes on from there)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. out=runs/x shrink.steps_per_stage=20 approx.top_t=2")
+    add_dry_run(p)
     return p.parse_intermixed_args(argv)  # overrides may come before and after --until
 
 
 def main(argv: Sequence[str]) -> int:
-    from raynas.config_loading import load_config
-    from raynas.orchestration.nasbert import NasbertConfig, run_pipeline
-
     args = parse_args(argv)
+    from raynas.config_loading import load_config
+    from raynas.orchestration.nasbert import NasbertConfig, check, run_dir, run_pipeline
+
     cfg = load_config(NasbertConfig, args.config, args.overrides)
+    if args.dry_run:
+        stages, _ = check(cfg, args.until)
+        until = f" (until {args.until})" if args.until else ""
+        return dry_run_done("raynas nasbert", f"run folder {run_dir(cfg)}{until}: {stages.status()}")
     result = run_pipeline(cfg, args.until)
     if args.until:
         print(f"stopped after stage {args.until!r}: {Path(cfg.out).expanduser().resolve()} (rerun without --until "

@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -30,15 +30,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (fields of PipelineRunConfig: task, teacher, family, "
                                                    "finetune, prune, quantize, latency, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. out=runs/x prune=null")
+    add_dry_run(p)
     return p.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
-    from raynas.config_loading import load_config
-    from raynas.orchestration.compression_pipeline import PipelineRunConfig, run_compression_pipeline
-
     args = parse_args(argv)
+    from raynas.config_loading import load_config
+    from raynas.orchestration.compression_pipeline import PipelineRunConfig, check, run_compression_pipeline
+
     cfg = load_config(PipelineRunConfig, args.config, args.overrides)
+    if args.dry_run:
+        checked = check(cfg)
+        steps = ["family", "finetune", *(["prune"] if checked["prune_cfg"] else []),
+                 *(["quantize"] if checked["quant_cfg"] else []), "pareto"]
+        return dry_run_done("raynas pipeline", f"stages {' -> '.join(steps)} in {checked['run'].root}: "
+                                               f"{checked['run'].status()}")
     result = run_compression_pipeline(cfg)
     print(result["text"])
     print(f"table:   {result['table']}")

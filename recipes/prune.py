@@ -4,7 +4,7 @@
     raynas prune --config recipes/configs/prune-sst2-minilm.yaml          # MiniLM on SST-2 at 1.5x / 2x / 3x
     raynas prune --config recipes/configs/prune-squad-proxy.yaml          # SQuAD v1.1 proxy (dev split by article)
     raynas prune --config recipes/configs/prune-paper.yaml                # BERT-base on SQuAD 2.0, GPU cluster
-    raynas prune --config FILE model=runs/ft/sst2 "targets=[{kind: params, target: 0.6}]" baselines=[magnitude]
+    raynas prune --config recipes/configs/prune-sst2-minilm.yaml model=runs/ft/sst2 finetune_from=null "targets=[{kind: params, target: 0.6}]" baselines=[magnitude]
 
 Each target (a fraction of encoder parameters or FLOPs to remove, or a CPU speedup
 through a latency model fitted on this machine) is one Ray Tune trial: hard-concrete
@@ -24,7 +24,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -33,16 +33,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (fields of PruneRunConfig: task, model, targets, "
                                                    "baselines, prune, train, latency, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. out=runs/x prune.gate_lr=0.1")
+    add_dry_run(p)
     return p.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
     from raynas.config_loading import load_config
-    from raynas.orchestration.prune_pipeline import run_pruning
+    from raynas.orchestration.prune_pipeline import check, run_pruning
     from raynas.orchestration.prune_tune import PruneRunConfig
 
-    args = parse_args(argv)
     cfg = load_config(PruneRunConfig, args.config, args.overrides)
+    if args.dry_run:
+        checked, stages = check(cfg)
+        jobs = len(checked.targets) * (1 + len(checked.baselines))
+        return dry_run_done("raynas prune", f"{len(checked.targets)} target(s), baselines {checked.baselines or 'none'} "
+                                            f"({jobs} job(s)) in {stages.root}: {stages.status()}")
     result = run_pruning(cfg)
     print(result["text"])
     print(f"tables:  {result['table']}, {result['report']['parquet']}")

@@ -2,7 +2,7 @@
 
     raynas quantize --config recipes/configs/quantize-tiny.yaml          # offline demo, minutes on 2 CPUs
     raynas quantize --config recipes/configs/quantize-sst2-minilm.yaml   # MiniLM on SST-2: the full table
-    raynas quantize --config FILE model=runs/ft/sst2 "variants=[{name: k4, method: kmeans, settings: {bits: 4}}]"
+    raynas quantize --config recipes/configs/quantize-sst2-minilm.yaml model=runs/ft/sst2 finetune_from=null "variants=[{name: k4, method: kmeans, settings: {bits: 4}}]"
 
 Each variant is one Ray Tune trial: post-training int8 (per-channel weights, run by
 ONNX Runtime's int8 kernels), QAT (fake quantization, straight-through estimator) at 8
@@ -26,7 +26,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -35,16 +35,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config (fields of QuantizeRunConfig: task, model, teacher, "
                                                    "extra_models, variants, train, backends, latency, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. out=runs/x train.max_steps=50")
+    add_dry_run(p)
     return p.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
     from raynas.config_loading import load_config
-    from raynas.orchestration.quantize_pipeline import run_quantize
+    from raynas.orchestration.quantize_pipeline import check, run_quantize
     from raynas.orchestration.quantize_tune import QuantizeRunConfig
 
-    args = parse_args(argv)
     cfg = load_config(QuantizeRunConfig, args.config, args.overrides)
+    if args.dry_run:
+        stages = check(cfg)
+        names = ", ".join(v.name for v in cfg.variants)
+        return dry_run_done("raynas quantize", f"{len(cfg.variants)} variant(s) ({names}) in {stages.root}: "
+                                               f"{stages.status()}")
     result = run_quantize(cfg)
     print(result["text"])
     print(f"tables:  {result['parquet']}" + (f", {result['backends']}" if "backends" in result and isinstance(

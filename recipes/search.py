@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from raynas.cli import run_recipe
+from raynas.atomic_io import check_writable
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
-from raynas.search.config import SearchConfig
-from raynas.search.constraints import Constraint, human
-from raynas.search.results import CHOSEN_FILE, EVALUATED_FILE, ResultStore, format_chosen
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -49,11 +47,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="answer these budgets from OUT/evaluated.parquet without searching")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="SearchConfig overrides, e.g. budgets='[2x, 4x]' generations=2 population=10")
+    add_dry_run(p)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    from raynas.search.config import SearchConfig
+    from raynas.search.constraints import Constraint, human
+    from raynas.search.results import CHOSEN_FILE, EVALUATED_FILE, format_chosen
+
     cfg = load_config(SearchConfig, args.config, args.overrides)
     if args.max_trials is not None and args.max_trials < 1:
         raise ConfigError(f"--max-trials: expected a positive integer, got {args.max_trials}")
@@ -72,7 +75,13 @@ def main(argv: Sequence[str]) -> int:
     constraint = Constraint(net.space, cfg.constraint, predictor, seq_len=cfg.seq_len)
     budgets = constraint.budgets(cfg.budgets)  # every budget checked here, before Ray starts
     if args.answer:
+        if args.dry_run:
+            return dry_run_done("raynas search", f"answer {args.answer} from {Path(args.out) / EVALUATED_FILE}")
         return answer(args.answer, constraint, Path(args.out))
+    check_writable(args.out, "--out")
+    if args.dry_run:
+        return dry_run_done("raynas search", f"{cfg.strategy} search in space {net.space.name!r} for budgets "
+                                             f"{[b.label for b in budgets]} into {args.out}")
 
     from raynas.orchestration.search_tune import run_search
 
@@ -96,9 +105,10 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def answer(texts: Sequence[str], constraint: Constraint, out: Path) -> int:
+def answer(texts: Sequence[str], constraint: Any, out: Path) -> int:
     """Print the best stored arch for each budget and whether the stored search covers it."""
     from raynas.search.pareto import answer_budget
+    from raynas.search.results import EVALUATED_FILE, ResultStore
 
     path = out / EVALUATED_FILE
     if not path.is_file():

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
-from raynas.orchestration.supernet_training import TrainConfig, run_training
 
 
 def parse_args(argv: Sequence[str], prog: str = "raynas supernet", doc: str = __doc__) -> argparse.Namespace:
@@ -34,6 +33,7 @@ def parse_args(argv: Sequence[str], prog: str = "raynas supernet", doc: str = __
     p.add_argument("--config", help="YAML config (fields of TrainConfig); key=value overrides it")
     example = "model=runs/students/ARCH steps=100" if prog.endswith("train") else "sampler.per_worker=3 steps=100"
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+    add_dry_run(p)
     args = p.parse_args(argv)
     if args.config is None and not args.overrides:
         config = "train-tiny.yaml" if prog.endswith("train") else "supernet-tiny.yaml"
@@ -42,11 +42,26 @@ def parse_args(argv: Sequence[str], prog: str = "raynas supernet", doc: str = __
     return args
 
 
+def dry_run(cfg: Any, prog: str) -> int:
+    """Also raynas train's: the checks of a run (config, space / model / teacher, out) and what it would do."""
+    from raynas.orchestration.supernet_training import preflight
+
+    raw = preflight(cfg)
+    what = cfg.model or (f"space {cfg.space}" if cfg.space else f"supernet {cfg.init_from}")
+    return dry_run_done(prog, f"{what}: {cfg.steps} steps on {cfg.num_workers} worker(s) "
+                              f"({'DeepSpeed ZeRO-' + str(cfg.deepspeed.zero_stage) if cfg.deepspeed.enabled else 'DDP'})"
+                              f" into {raw['out']}")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    from raynas.orchestration.supernet_training import TrainConfig, run_training
+
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if cfg.model:
         raise ConfigError("model: raynas supernet trains a supernet (space or init_from); use raynas train for a model")
+    if args.dry_run:
+        return dry_run(cfg, "raynas supernet")
     metrics = run_training(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"trained supernet in {cfg.out}/supernet", file=sys.stderr)

@@ -21,15 +21,18 @@ from typing import Sequence
 from raynas.cli import run_recipe
 from raynas.config_loading import load_config
 from raynas.errors import ConfigError
-from raynas.orchestration.supernet_training import TrainConfig, run_training
-from recipes.supernet import parse_args
+from recipes.supernet import dry_run, parse_args
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv, prog="raynas train", doc=__doc__)
+    from raynas.orchestration.supernet_training import TrainConfig, run_training
+
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if not cfg.model:
         raise ConfigError("model: raynas train needs a model folder (model=DIR); train supernets with raynas supernet")
+    if args.dry_run:
+        return dry_run(cfg, "raynas train")
     metrics = run_training(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"trained model in {cfg.out}/model", file=sys.stderr)

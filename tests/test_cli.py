@@ -160,3 +160,81 @@ def test_training_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- a fast CLI, registration in any import order
+
+
+_HEAVY = ("torch", "transformers", "ray", "deepspeed", "datasets", "pandas")
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in RECIPES)])
+def test_help_imports_no_heavy_library(argv):
+    """--help answers before torch / transformers / Ray load: the reason it takes well under a second."""
+    code = (f"import sys; from raynas.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {_HEAVY!r} if m in sys.modules), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr.strip().splitlines()[-1] == "[]", run.stderr[-2000:]
+    assert "usage:" in run.stdout
+
+
+_REGISTERED = ("from transformers.models.auto.configuration_auto import CONFIG_MAPPING as C\n"
+               "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as Q\n"
+               "print('raynas' in C, 'raynas' in Q)")
+
+
+@pytest.mark.parametrize("first", [
+    "import raynas; import transformers",  # the README's order: registered when transformers loads
+    "import transformers; import raynas",  # registered at once
+    "import raynas.compression.hf_quantizer",  # a submodule first: its own import pulls transformers in
+    "import raynas.export",
+    "import raynas.compression.packed_format; import transformers",
+])
+def test_model_type_and_quant_method_register_in_any_import_order(first):
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", f"{first}\n{_REGISTERED}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["True", "True"], run.stderr[-2000:]
+
+
+def test_import_raynas_alone_loads_no_heavy_library():
+    code = f"import sys, raynas; print(sorted(m for m in {_HEAVY!r} if m in sys.modules)); print(raynas.RaynasConfig)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and lines[0] == "[]" and "RaynasConfig" in lines[1], run.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- override typos, dry runs
+
+
+def test_an_override_typo_is_reported_against_the_command_line(tmp_path, capsys):
+    assert main(["supernet", "--config", TINY_TRAIN, f"out={tmp_path}/o", "stesp=10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "command line 'stesp=10'" in err[0] and "did you mean 'steps'" in err[0], err
+    assert TINY_TRAIN not in err[0]
+
+
+def test_errors_from_the_file_and_the_command_line_each_name_their_source(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(Path(TINY_TRAIN).read_text() + "\ncolour: red\n")
+    assert main(["supernet", "--config", str(config), "steps=abc"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: colour: unknown key" in err and "command line 'steps=abc': steps: expected int" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["supernet", "--config", TINY_TRAIN],
+    ["bench", "supernet", "--space", "autotinybert-mlm"],
+    ["nasbert"],
+])
+def test_a_dry_run_checks_says_ok_and_writes_nothing(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    extra = ["--out", str(out / "t.parquet")] if argv[0] == "bench" else [f"out={out}"]
+    assert main([*argv, *extra, "--dry-run"]) == 0
+    assert "dry run: all checks passed" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_still_refuses_bad_input(tmp_path, capsys):
+    assert main(["supernet", "--config", TINY_TRAIN, f"out={tmp_path}/o", "deepspeed.zero_stage=4", "--dry-run"]) == 2
+    assert "deepspeed.zero_stage" in capsys.readouterr().err

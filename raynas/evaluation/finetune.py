@@ -184,6 +184,8 @@ def check_fields(where: str, task: str, fields: Mapping[str, Any], teacher: str 
                                                                           if k not in drop}))
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}".replace("FinetuneConfig.__init__() ", "")) from None
+    except ConfigError as exc:  # "doc_stride: ..." -> "train.doc_stride: ...": which section to fix
+        raise ConfigError(f"{where}.{exc}") from None
 
 
 def validate_config(cfg: FinetuneConfig) -> Task:

@@ -442,13 +442,22 @@ def preflight(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """All seven stages in ``cfg.out``; each skipped when done, refused when its config changed (checked first)."""
+def check(cfg: PipelineConfig) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """:func:`preflight` plus the run folder's recorded stages (a changed config refused): what a run, and a dry
+    run, does before any work. Returns the folder's :class:`~raynas.stages.StageRun` and the stage configs."""
+    from raynas.atomic_io import check_writable
     from raynas.stages import StageRun
 
+    check_writable(run_dir(cfg), "out")
     configs = preflight(cfg)
     stages = StageRun(run_dir(cfg), list(STAGES), log=say)
     stages.check(configs)
+    return stages, configs
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """All seven stages in ``cfg.out``; each skipped when done, refused when its config changed (checked first)."""
+    stages, configs = check(cfg)
     say(f"autotinybert: run folder {run_dir(cfg)}")
     sup = stages.run("supernet", configs["supernet"], lambda: stage_supernet(cfg))
     lat = stages.run("latency", configs["latency"], lambda: stage_latency(cfg, sup["supernet"]))

@@ -128,17 +128,21 @@ def _finetune_all(cfg: PipelineRunConfig, members: dict[str, str], out: Path) ->
     return done
 
 
-def run_compression_pipeline(cfg: PipelineRunConfig) -> dict[str, Any]:
+def check(cfg: PipelineRunConfig) -> dict[str, Any]:
+    """Every section validated before the first stage trains (a run's and a dry run's checks).
+
+    Returns the run folder's StageRun (``run``), the prune and quantize sections as their recipes' configs
+    (``prune_cfg`` / ``quant_cfg``, None when off) and the models each applies to (``prune_on`` / ``quant_on``).
+    """
+    from raynas.atomic_io import check_writable
     from raynas.config_loading import load_section
-    from raynas.orchestration.prune_pipeline import run_pruning
     from raynas.orchestration.prune_tune import PruneRunConfig
-    from raynas.orchestration.quantize_pipeline import run_quantize
     from raynas.orchestration.quantize_tune import QuantizeRunConfig
     from raynas.stages import StageRun
 
     require(bool(cfg.task), "task: which task the family is fine-tuned for (sst2, qnli, squad, ...)")
     require(bool(cfg.teacher), "teacher: the pre-trained teacher the family came from")
-    out = Path(cfg.out).resolve()
+    out = check_writable(cfg.out, "out").resolve()
     prune_section = dict(cfg.prune or {})
     prune_on = prune_section.pop("models", ["teacher"])
     quant_section = dict(cfg.quantize or {})
@@ -158,7 +162,17 @@ def run_compression_pipeline(cfg: PipelineRunConfig) -> dict[str, Any]:
         from raynas.orchestration.quantize_tune import check_variants
 
         check_variants(quant_cfg, shapes=False)
-    run = StageRun(out, STAGES)
+    return {"run": StageRun(out, STAGES), "prune_cfg": prune_cfg, "quant_cfg": quant_cfg, "prune_on": prune_on,
+            "quant_on": quant_on}
+
+
+def run_compression_pipeline(cfg: PipelineRunConfig) -> dict[str, Any]:
+    from raynas.orchestration.prune_pipeline import run_pruning
+    from raynas.orchestration.quantize_pipeline import run_quantize
+
+    checked = check(cfg)
+    run, prune_cfg, quant_cfg = checked["run"], checked["prune_cfg"], checked["quant_cfg"]
+    prune_on, quant_on, out = checked["prune_on"], checked["quant_on"], run.root
     members = run.run("family", asdict(cfg.family), lambda: family_models(cfg, out))
     tuned = run.run("finetune", {"members": members, "finetune": cfg.finetune, "task": cfg.task,
                                  "distill_members": cfg.distill_members}, lambda: _finetune_all(cfg, members, out))

@@ -205,18 +205,28 @@ def _constraint(cfg: NasbertConfig, space: Any) -> Any:
     return Constraint(space, cfg.approx.kind, predictor, seq_len=cfg.approx.seq_len)
 
 
+def check(cfg: NasbertConfig, until: str | None = None) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """:func:`preflight` plus the run folder's recorded stages (a changed config refused): what a run, and a dry
+    run, does before any work. Returns the folder's :class:`~raynas.stages.StageRun` and the stage configs."""
+    from raynas.atomic_io import check_writable
+    from raynas.stages import StageRun
+
+    check_writable(run_dir(cfg), "out")
+    if until is not None and until not in STAGES:
+        raise ConfigError(f"--until: unknown stage {until!r} (expected one of {', '.join(STAGES)})")
+    configs = preflight(cfg)
+    stages = StageRun(run_dir(cfg), list(STAGES), log=say)
+    stages.check(configs)
+    return stages, configs
+
+
 def run_pipeline(cfg: NasbertConfig, until: str | None = None) -> dict[str, Any]:
     """All stages in ``cfg.out`` (or those up to ``until``); each skipped when done, refused when its config
     changed (checked first). With ``until``, returns the summaries of the stages run so far."""
     from raynas.orchestration import nasbert_stages as st
-    from raynas.stages import StageRun
 
-    configs = preflight(cfg)
-    stages = StageRun(run_dir(cfg), list(STAGES), log=say)
-    stages.check(configs)
+    stages, configs = check(cfg, until)
     say(f"run folder {run_dir(cfg)}")
-    if until is not None and until not in STAGES:
-        raise ConfigError(f"--until: unknown stage {until!r} (expected one of {', '.join(STAGES)})")
     done: dict[str, Any] = {}
 
     def stop(name: str) -> bool:

@@ -21,15 +21,21 @@ from raynas.orchestration.prune_tune import PruneRunConfig, jobs, preflight, pru
 STAGES = ["split", "finetune", "reference", "latency", "prune", "measure"]
 
 
-def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
-    from raynas.evaluation.finetune import eval_fields
+def check(cfg: PruneRunConfig) -> tuple[PruneRunConfig, Any]:
+    """Every check before work (a run's and a dry run's): the config as run and the folder's StageRun."""
     from raynas.stages import StageRun
 
     if cfg.squad_proxy is not None:  # before preflight: the split is where data_dir points
         cfg = replace(cfg, data_dir=str(Path(cfg.out) / "squad-proxy"))
     preflight(cfg, split_pending=cfg.squad_proxy is not None)
-    out = Path(cfg.out).resolve()
-    run = StageRun(out, STAGES)
+    return cfg, StageRun(Path(cfg.out).resolve(), STAGES)
+
+
+def run_pruning(cfg: PruneRunConfig) -> dict[str, Any]:
+    from raynas.evaluation.finetune import eval_fields
+
+    cfg, run = check(cfg)
+    out = run.root
     if cfg.squad_proxy is not None:
         run.run("split", {"source": cfg.squad_proxy}, lambda: _split(cfg))
     model = cfg.model

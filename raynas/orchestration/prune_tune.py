@@ -136,7 +136,7 @@ def preflight(cfg: PruneRunConfig, split_pending: bool = False) -> None:
     names = [j.name for j in jobs(cfg, "-", None)]
     dupes = sorted({n for n in names if names.count(n) > 1})
     require(not dupes, f"targets: two jobs named {', '.join(dupes)}; give them distinct names")
-    for section in ("train", "finetune"):
+    for section in ("train", "finetune") if cfg.finetune_from is not None else ("train",):  # finetune: only then used
         fields = getattr(cfg, section)
         teacher = "-" if section == "train" and cfg.distill else fields.get("teacher")  # jobs distil the source
         check_fields(section, cfg.task, fields, teacher, drop=("data_dir", "teacher"))

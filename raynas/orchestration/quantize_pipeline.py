@@ -27,13 +27,19 @@ from raynas.orchestration.quantize_tune import QuantizeRunConfig, _folder, jobs,
 STAGES = ["finetune", "reference"]  # compress: per-job records; measure: always rerun (see the module doc)
 
 
-def run_quantize(cfg: QuantizeRunConfig) -> dict[str, Any]:
-    from raynas.evaluation.finetune import eval_fields
+def check(cfg: QuantizeRunConfig) -> Any:
+    """Every check before work (a run's and a dry run's); the run folder's StageRun."""
     from raynas.stages import StageRun
 
     preflight(cfg)
-    out = Path(cfg.out).resolve()
-    run = StageRun(out, STAGES)
+    return StageRun(Path(cfg.out).resolve(), STAGES)
+
+
+def run_quantize(cfg: QuantizeRunConfig) -> dict[str, Any]:
+    from raynas.evaluation.finetune import eval_fields
+
+    run = check(cfg)
+    out = run.root
     model = cfg.model
     if cfg.finetune_from is not None:
         from raynas.orchestration.prune_pipeline import finetune_first
