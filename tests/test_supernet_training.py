@@ -40,8 +40,31 @@ def test_deepspeed_zero2_two_workers(tmp_path, tokenizer):
     trained, (initial, _) = load_supernet(tmp_path / "run" / "supernet"), build_net(cfg)  # build_net: the seeded init
     assert trained.space.to_dict() == initial.space.to_dict()
     assert not torch.equal(trained.embeddings.word_embeddings.weight, initial.embeddings.word_embeddings.weight)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000010", "step-00000020"]
     assert (tmp_path / "run" / "checkpoints" / "step-00000010" / "deepspeed").is_dir()
+    _assert_one_copy(tmp_path / "run")
+
+
+def _assert_one_copy(run: Path) -> None:
+    """Each checkpoint's bytes exist once: Ray Train's run folder is OUT/checkpoints and holds, beside the
+    step-N folders the workers wrote, only its own small bookkeeping (no copies, no ray_results)."""
+    assert not (run / "ray_results").exists()
+    ckpts = run / "checkpoints"
+    ray_files = [p for p in ckpts.rglob("*") if p.is_file() and not p.relative_to(ckpts).parts[0].startswith("step-")]
+    assert sum(p.stat().st_size for p in ray_files) < 100_000, ray_files
+    student_files = sorted(p.relative_to(run).as_posix() for p in run.rglob("student.pt"))
+    assert student_files == [f"checkpoints/{d.name}/student.pt" for d in sorted(ckpts.glob("step-*"))]
+    state = json.loads((ckpts / "checkpoint_manager_snapshot.json").read_text())  # what a rerun resumes from
+    assert state["latest_checkpoint_result"]["checkpoint_dir_name"] == sorted(p.name for p in ckpts.glob("step-*"))[-1]
+
+
+def _worker_log_count(text: str) -> int:
+    """How often ``text`` was written to the Ray Train workers' stdout/stderr in this Ray session (what
+    log_to_driver echoes on the driver, line for line)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # no public API names the folder
+    return sum(p.read_text(errors="replace").count(text) for p in logs.glob("worker-*.err"))
 
 
 def test_ddp_resume(tmp_path, tokenizer):
@@ -53,6 +76,9 @@ def test_ddp_resume(tmp_path, tokenizer):
     second = run_training(cfg)
     assert second["step"] == 15
     assert second["start_step"] == 10  # the first run's last checkpoint
+    assert _worker_log_count("resumed from step 10\n") == 1  # rank 0's line, once (Ray's print patch echoed it)
+    assert _worker_log_count("step 15/15 loss") == 1
+    _assert_one_copy(tmp_path / "run")
 
 
 def _arch_log(run: Path, rank: int) -> list[dict]:

@@ -18,7 +18,9 @@ from typing import Any
 
 from raynas.errors import ConfigError
 from raynas.spaces import Space
-from raynas.training.config import DeepSpeedConfig, ObjectiveConfig, SamplerConfig, TrainConfig
+from raynas.training.config import CHECKPOINT_DIR, DeepSpeedConfig, ObjectiveConfig, SamplerConfig, TrainConfig
+
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # Ray Train's switch for its print -> logger patch on workers
 
 __all__ = ["DeepSpeedConfig", "ObjectiveConfig", "SamplerConfig", "TrainConfig", "load_tokenizer", "preflight",
            "run_training"]
@@ -114,10 +116,34 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 
 
+def run_config(out: Path, max_failures: int) -> Any:
+    """Ray Train's run folder *is* ``OUT/checkpoints`` (``storage_path`` OUT, run name ``checkpoints``).
+
+    The workers write each ``step-N`` folder there themselves and report it with
+    ``CheckpointUploadMode.NO_UPLOAD`` (:mod:`raynas.orchestration.train_worker`), so every checkpoint
+    exists once: before, Ray copied each folder into ``OUT/ray_results`` (supernet-tiny: 682 MB, now 352). Ray's
+    own snapshot of the reported checkpoints sits beside them, which is how a rerun with the same OUT
+    (a killed driver) and a restarted worker group (``max_failures``) find the latest one; Ray keeps every
+    checkpoint (no ``num_to_keep``), as before.
+
+    ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` on the workers: Ray 2.60 routes a worker's ``print`` to the root
+    logger, whose console handler writes it to stderr, and also echoes it to ``sys.stderr`` whenever that
+    is not ``sys.__stderr__`` -- which in a Ray worker it never is (Ray replaces it with its log stream), so
+    every line printed in a worker (rank 0's progress, a library's note) reached the driver twice. Without
+    the patch a print goes to the worker's stderr once and ``log_to_driver`` forwards it. A value the user
+    exported is kept (Ray passes it on to the workers itself).
+    """
+    from ray.train import FailureConfig, RunConfig
+
+    patch = os.environ.get(PRINT_PATCH_ENV, "0")
+    return RunConfig(name=CHECKPOINT_DIR, storage_path=str(out), failure_config=FailureConfig(max_failures=max_failures),
+                     worker_runtime_env={"env_vars": {PRINT_PATCH_ENV: patch}})
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Check, build the corpus once, run the TorchTrainer; return the last reported metrics."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raynas.data.corpus import build_corpus, corpus_stats
@@ -139,8 +165,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         train_loop, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray_results"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        run_config=run_config(out, cfg.max_failures),
     )
     result = trainer.fit()
     if result.error is not None:

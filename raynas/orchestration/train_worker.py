@@ -28,7 +28,7 @@ import torch
 
 from raynas.errors import require
 from raynas.orchestration.engines import Engine
-from raynas.training.config import TrainConfig, config_from_dict
+from raynas.training.config import CHECKPOINT_DIR, TrainConfig, config_from_dict
 from raynas.training.factories import build_step_sampler, build_student, build_teacher, save_final, train_placement
 from raynas.training.sampling import ArchSampler
 from raynas.training.student import TrainStudent, evaluate
@@ -196,11 +196,16 @@ def _set_rng_state(state: dict[str, list[int]]) -> None:
 def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampler, collator: MLMCollator,
                             student: TrainStudent, tokenizer: Any, metrics: dict[str, Any], step: int, rank: int,
                             world: int) -> None:
-    """Every rank writes its part of the state into one folder; rank 0 reports it as the Ray checkpoint."""
+    """Every rank writes its part of the state into one folder; rank 0 reports it as the Ray checkpoint.
+
+    The folder is inside Ray Train's run folder (``OUT/checkpoints``, see
+    :func:`raynas.orchestration.supernet_training.run_config`) and is reported with ``NO_UPLOAD``: Ray
+    records where it is instead of copying it, so the checkpoint exists once on disk.
+    """
     import ray.train
     import torch.distributed as dist
 
-    folder = Path(cfg.out).resolve() / "checkpoints" / f"step-{step:08d}"
+    folder = Path(cfg.out).resolve() / CHECKPOINT_DIR / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     engine.save(folder, rank)
     # sampler / masking RNG states differ per rank: gather them so one folder resumes every worker
@@ -223,4 +228,5 @@ def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampl
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder.name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)

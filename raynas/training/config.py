@@ -22,6 +22,7 @@ from raynas.errors import ConfigError
 MODES = ("mlm", "kd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STUDENTS = ("space", "init_from", "model")
+CHECKPOINT_DIR = "checkpoints"  # OUT/checkpoints/step-N, the one copy of each checkpoint (Ray Train's run folder)
 COUNTS = ("steps", "batch_size", "num_workers", "checkpoint_every", "eval_every", "eval_batches", "log_every")
 
 
@@ -89,6 +90,8 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     max_failures: int = 0  # Ray Train restarts of a failed worker group, from the last checkpoint
+    # Kept so configs and callers that set it still load; the run's Ray Train folder is OUT/checkpoints
+    # whatever the name (one copy of each checkpoint, see supernet_training.run_config), so it names nothing.
     name: str = "supernet"
 
     def __post_init__(self) -> None:
