@@ -21,6 +21,7 @@ from raynas.spaces import Space
 from raynas.training.config import CHECKPOINT_DIR, DeepSpeedConfig, ObjectiveConfig, SamplerConfig, TrainConfig
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # Ray Train's switch for its print -> logger patch on workers
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of reported checkpoints, in its run folder
 
 __all__ = ["DeepSpeedConfig", "ObjectiveConfig", "SamplerConfig", "TrainConfig", "load_tokenizer", "preflight",
            "run_training"]
@@ -67,6 +68,17 @@ def _head_counts(space: Space) -> set[int]:
             if hasattr(op, "heads")}
 
 
+def _refuse_old_layout(out: Path, name: str) -> None:
+    """A run made before checkpoints were kept once has Ray's snapshot in ``OUT/ray_results/<name>``, none in
+    ``OUT/checkpoints``: this version would not see its checkpoints and would silently start again from
+    step 0 over its step folders, so say so instead."""
+    old = out / "ray_results" / name / RAY_SNAPSHOT
+    if old.is_file() and not (out / CHECKPOINT_DIR / RAY_SNAPSHOT).is_file():
+        raise ConfigError(f"out: {out} holds a run from an older raynas (Ray's copies of its checkpoints in "
+                          f"{out / 'ray_results'}) that this version cannot resume (use a new out, or remove "
+                          f"{out / CHECKPOINT_DIR} and {out / 'ray_results'} to start over)")
+
+
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """The checks that read files (the TrainConfig itself checked the rest): the student, the teacher, head
     counts. Returns the config as a dict for the workers, paths made absolute."""
@@ -76,6 +88,7 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     from raynas.teachers import resolve_teacher
 
     check_writable(cfg.out, "out")  # before the corpus is tokenized or Ray starts
+    _refuse_old_layout(Path(cfg.out), cfg.name)
     raw = asdict(cfg)  # workers run in Ray's working dir: pass absolute paths
     if cfg.space:
         from raynas.spaces import load_space

@@ -90,8 +90,9 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10
     max_failures: int = 0  # Ray Train restarts of a failed worker group, from the last checkpoint
-    # Kept so configs and callers that set it still load; the run's Ray Train folder is OUT/checkpoints
-    # whatever the name (one copy of each checkpoint, see supernet_training.run_config), so it names nothing.
+    # Ray Train's run folder is OUT/checkpoints whatever the name (one copy of each checkpoint, see
+    # supernet_training.run_config); the name only finds an older version's OUT/ray_results/<name>, which
+    # preflight refuses to resume rather than restart over. Kept so configs and callers that set it still load.
     name: str = "supernet"
 
     def __post_init__(self) -> None:
