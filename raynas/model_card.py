@@ -193,10 +193,10 @@ def _provenance_lines(p: dict[str, Any]) -> list[str]:
                      + (f"; arch `{p['arch']}`" if p.get("arch") else ""))
     for t in p.get("training", []):
         steps = f"{t['steps']} steps" if t.get("steps") is not None else "steps not recorded"
-        objective = t.get("objective") or "objective not recorded"
+        objective = f"objective `{t['objective']}`" if t.get("objective") else "objective not recorded"
         teacher = f" from `{t['teacher']}`" if t.get("teacher") else ""
         head = "; the MLM head was trained" if t.get("mlm_head_trained") else "; the MLM head was frozen"
-        lines.append(f"- Training ({t.get('stage', 'train')}): {steps}, objective `{objective}`{teacher}{head}")
+        lines.append(f"- Training ({t.get('stage', 'train')}): {steps}, {objective}{teacher}{head}")
     if "training" not in p:
         lines.append("- Training: not recorded")
     elif not p["training"]:
