@@ -51,8 +51,19 @@ def umask_modes() -> tuple[int, int]:
 
 
 def publish_dir(tmp: Path) -> None:
-    """Give a ``mkdtemp`` folder the umask-based mode of an ordinary folder (before it is renamed into place)."""
-    os.chmod(tmp, umask_modes()[0])
+    """Give a ``mkdtemp`` folder, and everything written into it, the umask-based modes of ordinary files.
+
+    Before it is renamed into place. Not only the folder: safetensors writes ``model.safetensors`` 0600
+    whatever the umask, so on a shared file system nobody else could load an exported model.
+    """
+    folder_mode, file_mode = umask_modes()
+    for root, _, files in os.walk(tmp):
+        os.chmod(root, folder_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, file_mode | (folder_mode & 0o111 if executable else 0))
 
 
 @contextmanager

@@ -65,3 +65,16 @@ def test_check_writable_names_the_field_and_creates_nothing(tmp_path):
         check_writable(tmp_path / "a-file", "out")
     assert check_writable(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_files_a_library_writes_privately_get_umask_modes_too(tmp_path, umask_022):
+    """safetensors writes 0600 whatever the umask: nobody else on a shared file system could load the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_dir(tmp_path / "model") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "x.json").write_text("{}")
+    assert _mode(tmp_path / "model" / "model.safetensors") == 0o644
+    assert _mode(tmp_path / "model" / "sub") == 0o755 and _mode(tmp_path / "model" / "sub" / "x.json") == 0o644
