@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,16 +92,14 @@ def load_teacher(name_or_path: str | os.PathLike) -> tuple[Any, Any]:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # our own one-line note replaces the load report
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(where, output_loading_info=True)
+        model = AutoModelForMaskedLM.from_pretrained(where)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"teacher {str(name_or_path)!r}: cannot load a masked-LM model ({first})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    fresh = [k for k in info.get("missing_keys", []) if k.startswith("cls.")]
-    if fresh:
-        print(f"note: teacher {str(name_or_path)!r} has no masked-LM head; {len(fresh)} head tensors start fresh",
-              file=sys.stderr)
+    # a teacher without a masked-LM head gets a fresh one: distillation reads hidden states and attention, never
+    # it; where that head would reach an exported model, raynas.model_card says so (card, config.json, stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError):

@@ -1,6 +1,6 @@
 """raynas extract: supernet checkpoint + archs -> transformers model folders.
 
-    raynas extract --supernet runs/supernet --arch 5-564-1052-8-512 --out models/
+    raynas extract --supernet runs/supernet --arch 5-312-1200-12-384 --out models/
     raynas extract --supernet runs/supernet --archs search.parquet --column arch --limit 4 --out models/
 
 Every arch is validated before anything is written; each folder is written
@@ -19,16 +19,16 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pyarrow as pa
 
 from raynas.atomic_io import check_writable
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.errors import ConfigError
-from raynas.export import export_model
-from raynas.supernet import Supernet, load_supernet, load_supernet_tokenizer
-from raynas.tables import read_column, to_table, write_parquet
+
+if TYPE_CHECKING:
+    from raynas.supernet import Supernet
 
 SCHEMA = pa.schema([
     ("arch", pa.string()), ("path", pa.string()), ("model_type", pa.string()),
@@ -48,6 +48,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder; one sub-folder per arch + extracted.parquet")
     p.add_argument("--overwrite", action="store_true", help="replace existing model folders")
     p.add_argument("--raynas-format", action="store_true", help="always write model type raynas, never plain bert")
+    add_dry_run(p)
     return p.parse_args(argv)
 
 
@@ -66,12 +67,10 @@ def extract_family(net: Supernet, tokenizer: Any, archs: Sequence[str], out: Pat
     Refuses (before writing anything) when a target exists and ``overwrite`` is off.
     Also the extraction stage of ``raynas autotinybert``.
     """
+    from raynas.export import export_model
     from raynas.model_card import provenance_of, untrained_note, with_step
 
-    targets = [out / folder_name(a) for a in archs]
-    clash = [str(t) for t in targets if t.exists()]
-    if clash and not overwrite:
-        raise ConfigError(f"{clash[0]}: already exists (use --overwrite to replace)")
+    targets = refuse_clash(archs, out, overwrite)
     provenance = with_step(provenance_of(net), "space", net.space.name)
     note = untrained_note(provenance)
     if note and archs:
@@ -91,8 +90,20 @@ def extract_family(net: Supernet, tokenizer: Any, archs: Sequence[str], out: Pat
     return rows
 
 
+def refuse_clash(archs: Sequence[str], out: Path, overwrite: bool) -> list[Path]:
+    """The target folders; refused (nothing written yet) when one exists and ``overwrite`` is off."""
+    targets = [out / folder_name(a) for a in archs]
+    clash = [str(t) for t in targets if t.exists()]
+    if clash and not overwrite:
+        raise ConfigError(f"{clash[0]}: already exists (use --overwrite to replace)")
+    return targets
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    from raynas.supernet import load_supernet, load_supernet_tokenizer
+    from raynas.tables import read_column, to_table, write_parquet
+
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a positive integer, got {args.limit}")
     check_writable(args.out, "--out")
@@ -102,6 +113,9 @@ def main(argv: Sequence[str]) -> int:
     if not raw:
         raise ConfigError(f"{args.archs}: no archs in column {args.column!r}")
     archs = [str(net.space.validate(str(a))) for a in raw]  # all checked before anything is written
+    if args.dry_run:
+        refuse_clash(archs, Path(args.out), args.overwrite)
+        return dry_run_done("raynas extract", f"{len(archs)} arch(s) of space {net.space.name!r} into {args.out}")
     rows = extract_family(net, tokenizer, archs, Path(args.out), args.overwrite, args.raynas_format)
     table = write_parquet(to_table(rows, SCHEMA), Path(args.out) / "extracted.parquet")
     print(f"wrote {len(rows)} model folder(s) and {table}")

