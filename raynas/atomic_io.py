@@ -40,6 +40,11 @@ def check_writable(path: str | os.PathLike, field: str = "out") -> Path:
         raise ConfigError(f"{field}: cannot write to {out} (permission denied or read-only)")
     if not out.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{field}: cannot create {out}: {probe} is not writable (permission denied or read-only)")
+    try:  # access() says yes to root and on some read-only file systems (sysfs): try, and take it back at once
+        os.rmdir(tempfile.mkdtemp(prefix=".raynas-probe-", dir=probe))
+    except OSError as exc:
+        what = f"write to {out}" if probe == out else f"create {out}"
+        raise ConfigError(f"{field}: cannot {what}: {exc.strerror or exc} in {probe}") from None
     return out
 
 

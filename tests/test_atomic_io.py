@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,16 @@ def test_files_a_library_writes_privately_get_umask_modes_too(tmp_path, umask_02
         (tmp / "sub" / "x.json").write_text("{}")
     assert _mode(tmp_path / "model" / "model.safetensors") == 0o644
     assert _mode(tmp_path / "model" / "sub") == 0o755 and _mode(tmp_path / "model" / "sub" / "x.json") == 0o644
+
+
+def test_a_location_access_allows_but_the_file_system_refuses_is_one_line(tmp_path):
+    """As root, access() says yes even where mkdir fails (sysfs); the probe finds out and leaves nothing behind."""
+    from raynas.atomic_io import check_writable
+    from raynas.errors import ConfigError
+
+    if not Path("/sys").is_dir() or os.access("/sys", os.W_OK) is False:
+        pytest.skip("needs a /sys that access() calls writable (root on Linux)")
+    with pytest.raises(ConfigError, match=r"--out: cannot create /sys/raynas-x/y: .* in /sys"):
+        check_writable("/sys/raynas-x/y", "--out")
+    check_writable(tmp_path / "fine", "--out")
+    assert list(tmp_path.iterdir()) == []
