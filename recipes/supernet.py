@@ -9,8 +9,8 @@ Under ray job submit give out as an absolute or shared path (the job runs in Ray
 of the working dir); Ray >= 2.59 needs RAY_AUTH_MODE=token for the ray job CLI.
 
 The corpus is tokenized once into OUT/corpus (memory-mapped by the workers),
-checkpoints land in OUT/checkpoints (Ray's copies in OUT/ray_results; a rerun
-with the same OUT resumes from the latest), sampled archs in OUT/archs/rank-R.jsonl,
+checkpoints land once in OUT/checkpoints (Ray Train's run folder: Ray records them
+there instead of copying them; a rerun with the same OUT resumes from the latest), sampled archs in OUT/archs/rank-R.jsonl,
 the trained supernet in OUT/supernet (extract sub-models with raynas extract).
 """
 

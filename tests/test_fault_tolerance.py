@@ -60,7 +60,7 @@ def _checkpointed_steps(out: Path) -> list[int]:
 def _assert_resumed(text: str, metrics: dict, latest: int) -> int:
     """One resume, from the last checkpoint Ray had taken when the run was killed: ``latest`` (the newest
     folder on disk then) or, if Ray had not taken that one's report yet, the one before it."""
-    resumed = {int(s) for s in re.findall(r"resumed from step (\d+)", text)}  # rank 0's line, maybe echoed twice
+    resumed = {int(s) for s in re.findall(r"resumed from step (\d+)", text)}  # rank 0's line
     assert len(resumed) == 1, (resumed, text[-3000:])
     (step,) = resumed
     assert step in {latest, latest - EVERY} and step >= EVERY and step % EVERY == 0, (step, latest)

@@ -175,7 +175,7 @@ def train_loop(config: dict[str, Any]) -> None:
     arch_log.close()
     with engine.full_weights():
         if rank == 0:
-            save_final(student.net, out, tokenizer)
+            save_final(student.net, out, tokenizer, cfg, step=cfg.steps)  # the card says how it was trained
 
 
 def _rng_state() -> dict[str, list[int]]:
@@ -219,7 +219,7 @@ def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampl
     with engine.full_weights():  # ZeRO-3: gather the partitioned weights on every rank for rank 0 to write
         if rank == 0:
             torch.save(student.state_dict(), folder / STUDENT_FILE)
-            save_final(student.net, folder, tokenizer)  # a usable supernet / model in every checkpoint
+            save_final(student.net, folder, tokenizer, cfg, step=step)  # a usable supernet / model per checkpoint
     if rank == 0:
         state = {"step": step, "sampler": {str(r): g["sampler"] for r, g in enumerate(gathered)},
                  "collator": {str(r): g["collator"] for r, g in enumerate(gathered)},
