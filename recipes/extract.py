@@ -101,12 +101,12 @@ def refuse_clash(archs: Sequence[str], out: Path, overwrite: bool) -> list[Path]
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: expected a positive integer, got {args.limit}")
+    check_writable(args.out, "--out")  # before torch loads: a bad --out costs a tenth of a second
     from raynas.supernet import load_supernet, load_supernet_tokenizer
     from raynas.tables import read_column, to_table, write_parquet
 
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit: expected a positive integer, got {args.limit}")
-    check_writable(args.out, "--out")
     net = load_supernet(args.supernet)
     tokenizer = load_supernet_tokenizer(args.supernet)
     raw = args.arch if args.arch else read_column(args.archs, args.column)[: args.limit]
