@@ -14,6 +14,12 @@ with (and the names of the stages it read from); on a rerun:
 - a stage whose config differs from the recorded one is refused with one
   message naming the changed fields, before anything runs, so nothing is lost.
 
+One process writes a run folder at a time: the first :meth:`StageRun.run` takes
+``RUN/.raynas.lock`` (:mod:`raynas.run_lock`) and holds it while the StageRun
+lives, so a second run on the folder is refused naming the first's pid and host;
+:meth:`~StageRun.check` and :meth:`~StageRun.status` (dry runs) refuse the same
+way but take nothing.
+
 Pure python: no Ray, no torch.
 """
 
@@ -28,6 +34,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from raynas.atomic_io import atomic_file
 from raynas.errors import ConfigError
+from raynas.run_lock import RunLock, check_run_lock
 
 T = TypeVar("T")
 STAGES_FILE = "stages.json"
@@ -67,14 +74,17 @@ class StageRun:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.started_at = time.perf_counter()
+        self.records: dict[str, dict[str, Any]] = self._load()
+        self.lock = RunLock(self.root, say=self.log)  # taken by the first run(), not here: dry runs build one too
+
+    def _load(self) -> dict[str, dict[str, Any]]:
         path = self.root / STAGES_FILE
-        if path.is_file():
-            try:
-                self.records: dict[str, dict[str, Any]] = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"{path}: unreadable stage record ({exc}); move it away to start the run afresh") from None
-        else:
-            self.records = {}
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable stage record ({exc}); move it away to start the run afresh") from None
 
     def _save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +92,9 @@ class StageRun:
             Path(tmp).write_text(json.dumps(self.records, indent=2, sort_keys=True) + "\n")
 
     def check(self, configs: Mapping[str, Mapping[str, Any]]) -> None:
-        """Refuse, before any stage runs, every recorded stage whose config differs from ``configs[name]``."""
+        """Refuse, before any stage runs, a folder another run holds and every recorded stage whose config
+        differs from ``configs[name]``."""
+        check_run_lock(self.root)
         problems = []
         for name, cfg in configs.items():
             record = self.records.get(name)
@@ -97,7 +109,9 @@ class StageRun:
                                                     f"entry in {self.root / STAGES_FILE} to redo it")
 
     def status(self) -> str:
-        """``supernet done, latency to run, ...``: what a rerun of this folder would skip and run (dry runs)."""
+        """``supernet done, latency to run, ...``: what a rerun of this folder would skip and run (dry runs);
+        a folder another run holds is refused as the run would be."""
+        check_run_lock(self.root)
         return ", ".join(f"{n} {'done' if self.done(n) else 'started' if n in self.records else 'to run'}"
                          for n in self.names)
 
@@ -112,6 +126,9 @@ class StageRun:
         a fresh run and a resumed one hand them exactly the same thing.
         """
         i = self.names.index(name) + 1
+        if not self.lock.held:  # this process's first write into the folder
+            self.lock.acquire()
+            self.records = self._load()  # as the last holder left it (it may have finished since we read it)
         head = f"[stage {i}/{len(self.names)}] {name}"
         self.check({name: config})
         if self.done(name):
