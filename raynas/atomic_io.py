@@ -2,6 +2,11 @@
 
 A crash, a full disk or Ctrl-C never leaves a half-written model folder,
 supernet or table where a finished one is expected, so a rerun is always safe.
+The written bytes are fsync'd before the rename and the rename itself after it
+(``durable``, the default): without that a power cut or a kernel crash soon
+after a "finished" write can leave the new name pointing at an empty or short
+file on ext4 / xfs, which is exactly the truncated checkpoint a resume must
+not load.
 
 ``tempfile`` creates its folders 0700 and files 0600 (private while being built);
 the renamed result gets the modes a plain ``mkdir`` / ``open`` would have given
@@ -71,9 +76,43 @@ def publish_dir(tmp: Path) -> None:
                 os.chmod(path, file_mode | (folder_mode & 0o111 if executable else 0))
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush one file's or folder's data and metadata to the device (a folder: its entries, i.e. renames).
+
+    Works on a read-only descriptor, so it also flushes files other code wrote (torch, DeepSpeed, safetensors).
+    """
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file, then every folder (deepest first), under ``root``, ``root`` last."""
+    folders = []
+    for here, _, files in os.walk(root):
+        folders.append(here)
+        for name in files:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                fsync_path(path)
+    for here in reversed(folders):
+        fsync_path(here)
+
+
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (created or replaced atomically), fsync'd and its rename fsync'd."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``path``, on failure it is removed."""
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, durable: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces ``path``, on failure it is removed.
+
+    ``durable``: fsync the folder's files before the rename and the parent after it.
+    """
     out = Path(path)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out}: already exists (use --overwrite / overwrite=True to replace it)")
@@ -82,17 +121,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
         publish_dir(tmp)
+        if durable:
+            fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+        if durable:
+            fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; on success it replaces ``path``."""
+def atomic_file(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it replaces ``path``.
+
+    ``durable``: fsync the file before the rename and the folder after it.
+    """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -100,7 +146,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, umask_modes()[1])
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, out)
+        if durable:
+            fsync_path(out.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
