@@ -15,7 +15,6 @@ the archs and masks an uninterrupted run would have.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
@@ -28,6 +27,14 @@ import torch
 
 from raynas.errors import require
 from raynas.orchestration.engines import Engine
+from raynas.training.checkpoints import (
+    check_space,
+    choose_resume,
+    clean_staging,
+    save_torch,
+    step_dir,
+    write_step,
+)
 from raynas.training.config import CHECKPOINT_DIR, TrainConfig, config_from_dict
 from raynas.training.factories import build_step_sampler, build_student, build_teacher, save_final, train_placement
 from raynas.training.sampling import ArchSampler
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
     from raynas.data.masking import MLMCollator
 
 STATE_FILE, STUDENT_FILE, ARCH_LOG_DIR = "trainer_state.json", "student.pt", "archs"
+REQUIRED = (STATE_FILE, STUDENT_FILE)  # what every checkpoint's manifest must list
 
 
 def _arch_str(arch: Any) -> str:
@@ -97,19 +105,18 @@ def train_loop(config: dict[str, Any]) -> None:
     val_batches = mlm_validation_batches(val, tokenizer, micro, cfg.eval_batches, cfg.objective.mlm_probability)
     eval_archs = {"largest": space.largest(), "smallest": space.smallest()} if space is not None else {"model": None}
 
-    start, ckpt = 0, ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as d:
-        if d is not None:  # the student's weights go in before the engine (ZeRO-3 partitions them)
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            student.load_state_dict(torch.load(Path(d) / STUDENT_FILE, map_location=device, weights_only=True))
-            sampler.load_state_dict(state["sampler"][str(rank)])
-            collator.load_state_dict({"generator": torch.tensor(state["collator"][str(rank)], dtype=torch.uint8)})
-            start = state["step"]
-        engine = Engine.from_config(cfg, student, sampler.archs_per_step, micro, world, placement)
-        if d is not None:
-            engine.load(Path(d))
-            if rank == 0:
-                print(f"resumed from step {start}", file=sys.stderr)
+    start, d = 0, _resume_folder(ray.train.get_checkpoint(), out / CHECKPOINT_DIR, rank)
+    if d is not None:  # the student's weights go in before the engine (ZeRO-3 partitions them)
+        state = json.loads((d / STATE_FILE).read_text())
+        student.load_state_dict(torch.load(d / STUDENT_FILE, map_location=device, weights_only=True))
+        sampler.load_state_dict(state["sampler"][str(rank)])
+        collator.load_state_dict({"generator": torch.tensor(state["collator"][str(rank)], dtype=torch.uint8)})
+        start = state["step"]
+    engine = Engine.from_config(cfg, student, sampler.archs_per_step, micro, world, placement)
+    if d is not None:
+        engine.load(d)
+        if rank == 0:
+            print(f"resumed from step {start}", file=sys.stderr)
     student = engine.module
     student.train()
     if d is not None and str(rank) in state.get("rng", {}):
@@ -169,7 +176,7 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"step {done}/{cfg.steps} loss {metrics['loss']:.4f} ({sizes}) "
                   f"tok/s {metrics['tokens_per_s_window']:.0f} lr {metrics['lr']:.2e} {vals}".rstrip(), file=sys.stderr)
         if checkpointing:
-            _report_with_checkpoint(cfg, engine, sampler, collator, student, tokenizer, metrics, done, rank, world)
+            _report_with_checkpoint(cfg, engine, sampler, collator, student, tokenizer, metrics, done, rank)
         else:
             ray.train.report(metrics)
     arch_log.close()
@@ -193,40 +200,85 @@ def _set_rng_state(state: dict[str, list[int]]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (one process: ``[obj]``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _resume_folder(latest: Any, ckpts: Path, rank: int) -> Path | None:
+    """The checkpoint folder this worker resumes from: Ray Train's latest (a restarted worker group, or a
+    rerun driver through Ray's snapshot in ``OUT/checkpoints``) when it is complete, else the newest earlier
+    complete one, with one warning line (rank 0). Every rank decides alike from the same files.
+
+    Rank 0 first clears what a crash mid-checkpoint left (``.step-N.tmp``); then, resuming, the disk must
+    have room for one more checkpoint (a run stopped by a full disk and retried stops again at once).
+    """
+    import torch.distributed as dist
+
+    if rank == 0:
+        clean_staging(ckpts)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    folder, warning = choose_resume(Path(latest.path) if latest is not None else None, REQUIRED)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr)
+    if folder is not None:
+        check_space(ckpts, folder)
+    return folder
+
+
+def worker_config_error(error: BaseException | None) -> BaseException | None:
+    """For the driver: the :class:`~raynas.errors.ConfigError` a worker raised (a full disk at a checkpoint),
+    out of Ray Train's ``WorkerGroupError``, so the CLI prints its one line; else ``error`` itself."""
+    from raynas.errors import ConfigError
+
+    failures = getattr(error, "worker_failures", None) or {}
+    found = [e for _, e in sorted(failures.items()) if isinstance(e, ConfigError)]
+    return found[0] if found else error
+
+
 def _report_with_checkpoint(cfg: TrainConfig, engine: Engine, sampler: ArchSampler, collator: MLMCollator,
-                            student: TrainStudent, tokenizer: Any, metrics: dict[str, Any], step: int, rank: int,
-                            world: int) -> None:
+                            student: TrainStudent, tokenizer: Any, metrics: dict[str, Any], step: int,
+                            rank: int) -> None:
     """Every rank writes its part of the state into one folder; rank 0 reports it as the Ray checkpoint.
+
+    The folder is built as ``.step-N.tmp`` and renamed to ``step-N`` with its manifest only when every rank's
+    part is written (:func:`raynas.training.checkpoints.write_step`), so Ray is only ever told of complete
+    checkpoints; a full disk raises :class:`~raynas.training.checkpoints.CheckpointWriteError` on every rank
+    before the report, the previous checkpoint untouched.
 
     The folder is inside Ray Train's run folder (``OUT/checkpoints``, see
     :func:`raynas.orchestration.supernet_training.run_config`) and is reported with ``NO_UPLOAD``: Ray
     records where it is instead of copying it, so the checkpoint exists once on disk.
     """
     import ray.train
-    import torch.distributed as dist
 
-    folder = Path(cfg.out).resolve() / CHECKPOINT_DIR / f"step-{step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    engine.save(folder, rank)
-    # sampler / masking RNG states differ per rank: gather them so one folder resumes every worker
-    local = {"sampler": sampler.state_dict(), "collator": collator.state_dict()["generator"].tolist(),
-             "rng": _rng_state()}
-    gathered: list[Any] = [None] * world
-    if dist.is_available() and dist.is_initialized():
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
-    with engine.full_weights():  # ZeRO-3: gather the partitioned weights on every rank for rank 0 to write
+    folder = step_dir(Path(cfg.out).resolve() / CHECKPOINT_DIR, step)
+
+    def shard(tmp: Path) -> dict[str, Any]:
+        engine.save(tmp, rank)
+        # sampler / masking RNG states differ per rank: gathered so one folder resumes every worker
+        return {"sampler": sampler.state_dict(), "collator": collator.state_dict()["generator"].tolist(),
+                "rng": _rng_state()}
+
+    def main(tmp: Path, gathered: list[Any]) -> None:
+        with engine.full_weights():  # ZeRO-3: gather the partitioned weights on every rank for rank 0 to write
+            if rank == 0:
+                save_torch(student.state_dict(), tmp / STUDENT_FILE)
+                save_final(student.net, tmp, tokenizer, cfg, step=step)  # a usable supernet / model per checkpoint
         if rank == 0:
-            torch.save(student.state_dict(), folder / STUDENT_FILE)
-            save_final(student.net, folder, tokenizer, cfg, step=step)  # a usable supernet / model per checkpoint
-    if rank == 0:
-        state = {"step": step, "sampler": {str(r): g["sampler"] for r, g in enumerate(gathered)},
-                 "collator": {str(r): g["collator"] for r, g in enumerate(gathered)},
-                 "rng": {str(r): g["rng"] for r, g in enumerate(gathered)}, "config": asdict(cfg)}
-        (folder / STATE_FILE).write_text(json.dumps(state))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+            state = {"step": step, "sampler": {str(r): g["sampler"] for r, g in enumerate(gathered)},
+                     "collator": {str(r): g["collator"] for r, g in enumerate(gathered)},
+                     "rng": {str(r): g["rng"] for r, g in enumerate(gathered)}, "config": asdict(cfg)}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+
+    write_step(folder, rank, _gather, shard, main)  # complete step-N, or CheckpointWriteError on every rank
     checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder.name,
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
