@@ -385,16 +385,18 @@ def test_training_stops_on_a_full_disk_with_the_previous_checkpoint_intact(tmp_p
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_real_full_tmpfs_stops_training_cleanly(tmp_path, tokenizer, ray_with_disk_fault):
-    """OUT/checkpoints on a tmpfs with room for one checkpoint and a half: the second one fills it."""
+    """OUT/checkpoints on a tmpfs with room for one checkpoint and 1.5 MiB (the 1 MiB kept for Ray's snapshot
+    fits): the second checkpoint (about 2 MiB) fills it for real, wherever its write happens to fail."""
     from raynas.orchestration.supernet_training import run_training
     from raynas.orchestration.train_worker import worker_config_error
 
     probe = tmp_path / "probe"
     run_training(_train_config(tmp_path, tokenizer, probe, steps=3, checkpoint_every=3, eval_every=3))
     size = ck.checkpoint_bytes(probe / "checkpoints" / "step-00000003")
+    assert size > 3 * 2**19, size  # else the second would fit too
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) + 2 * 2**20}", "tmpfs", str(ckpts)],
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + 3 * 2**19}", "tmpfs", str(ckpts)],
                            capture_output=True, text=True)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()})")
