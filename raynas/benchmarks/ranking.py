@@ -342,13 +342,9 @@ def _eta(trained_s: Sequence[float], left: int) -> str:
 
 def _start_ray(cfg: TrainConfig) -> bool:
     """Start Ray unless this process already did; True when started here (this module then shuts it down)."""
-    import ray
+    from raynas.orchestration.cluster import connect
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:  # a private instance sized for one run, even if a `ray start` cluster runs on this machine
-        ray.init(address="local", num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
-                 include_dashboard=False)
-    return True
+    # RAY_ADDRESS's cluster (checked), else a private instance sized for one run, even if a `ray start`
+    # cluster runs on this machine
+    return connect(private=True, num_cpus=max(1, math.ceil(cfg.num_workers * cfg.cpus_per_worker)),
+                   include_dashboard=False).started

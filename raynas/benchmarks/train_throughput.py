@@ -144,6 +144,7 @@ def bench_train(
     import ray
 
     from raynas.data.corpus import build_corpus
+    from raynas.orchestration.cluster import connect
 
     ws = check_bench(cfg, workers)
     root = Path(out).resolve()
@@ -157,11 +158,9 @@ def bench_train(
     base = dataclasses.replace(cfg, checkpoint_every=cfg.steps, eval_every=cfg.steps, max_failures=0)
     plain = dataclasses.replace(base, space=None, space_overrides={}, init_from=None, model=str(model_dir),
                                 tokenizer=cfg.tokenizer or str(model_dir))
-    started = not ray.is_initialized()
-    if started and os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    elif started:  # a private instance, even if a `ray start` cluster runs on this machine
-        ray.init(address="local", num_cpus=max(1, math.ceil(ws[-1] * cfg.cpus_per_worker)), include_dashboard=False)
+    # RAY_ADDRESS's cluster (checked), else a private instance, even if a `ray start` cluster runs on this machine
+    started = connect(private=True, num_cpus=max(1, math.ceil(ws[-1] * cfg.cpus_per_worker)),
+                      include_dashboard=False).started
     rows: list[Row] = []
     try:
         for w in ws:

@@ -140,13 +140,13 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Run every task's sweep on the current Ray cluster (or a local one); one row per trial."""
-    import ray
     from ray import tune
+
+    from raynas.orchestration.cluster import connect
 
     tasks = preflight(cfg)
     check_same_sweep(cfg, out_dir, write=True)  # before Ray starts: a changed config never mixes into old rows
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    connect(log_to_driver=False)
     storage = Path(cfg.storage or Path(out_dir) / "ray_results").resolve()
     trainable = tune.with_resources(_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     rows: list[dict[str, Any]] = []

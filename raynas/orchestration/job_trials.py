@@ -10,7 +10,6 @@ record), so a killed run resumes with only the unfinished ones.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -30,13 +29,13 @@ def run_job_trials(name: str, trial: Callable[[dict[str, Any]], None], pending: 
                    out: Path, cpus_per_trial: float, gpus_per_trial: float,
                    max_concurrent_trials: int | None) -> dict[str, str]:
     """Run ``trial({"job": job, "cpus": cpus_per_trial})`` for every job; job name -> last error line of failures."""
-    import ray
     from ray import tune
+
+    from raynas.orchestration.cluster import connect
 
     if not pending:
         return {}
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    connect(log_to_driver=False)
     trainable = tune.with_resources(trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     space = {"job": tune.grid_search(pending), "cpus": cpus_per_trial}
     tuner = tune.Tuner(trainable, param_space=space,

@@ -20,7 +20,6 @@ module is the thin adapter: the measuring itself is pure torch.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -36,9 +35,11 @@ def _measure_chunk(job: MeasureJob) -> list[Row]:
 
 
 def ensure_ray() -> None:
-    """A local Ray, or the cluster at ``RAY_ADDRESS`` (``ray job submit`` sets it), unless one is running."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    """A local Ray, or the cluster at ``RAY_ADDRESS`` (``ray job submit`` sets it), unless one is running
+    (:func:`raynas.orchestration.cluster.connect`: a dead address is one line, not a hang)."""
+    from raynas.orchestration.cluster import connect
+
+    connect(log_to_driver=True)
 
 
 def task_options(threads: int, resources: dict[str, float] | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -112,6 +111,7 @@ def stage_blocks(cfg: NasbertConfig, init: dict[str, Any], pairs: dict[str, Any]
     from raynas.blockwise.pairs import TeacherPairs
     from raynas.blockwise.shrinking import ShrinkState, path_params
     from raynas.orchestration.blockwise_tune import CHECKPOINT, STATE_FILE, run_shrinking
+    from raynas.orchestration.cluster import connect
     from raynas.orchestration.shared_supernet import put_supernet
     from raynas.supernet import load_supernet, load_supernet_tokenizer, save_supernet
 
@@ -135,8 +135,7 @@ def stage_blocks(cfg: NasbertConfig, init: dict[str, Any], pairs: dict[str, Any]
         return path_params(space, hidden, path)
 
     if not state.finished:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        connect(log_to_driver=True)
         refs = [ray.put((train.block(k), val.block(k))) for k in range(cfg.blocks)]  # once: every stage reuses them
         run_shrinking(state, cfg.shrink, cfg.train, supernet=put_supernet(net), plan=plan, hidden=hidden,
                       teacher_dim=train.hidden, pairs=refs, params_of=params_of, out=out, say=say)

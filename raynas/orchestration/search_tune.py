@@ -233,12 +233,22 @@ def run_search(cfg: SearchConfig, supernet: str | os.PathLike | Any, constraint:
     (default: the one saved with the supernet), masked as supernet training
     masks its validation set. Rows already in ``OUT/evaluated.parquet`` are
     replayed first; the Tune run then evaluates only what is missing.
-    ``OUT/chosen.parquet`` is written once the search is done.
+    ``OUT/chosen.parquet`` is written once the search is done. The search holds ``OUT/.raynas.lock``
+    (:mod:`raynas.run_lock`) while it runs: a second search on OUT would store every row twice.
     """
-    from raynas.supernet import Supernet, load_supernet, load_supernet_tokenizer
+    from raynas.run_lock import run_lock
 
     say = progress or (lambda s: print(s, file=sys.stderr, flush=True))
-    out = Path(out_dir)
+    with run_lock(out_dir, say=say):
+        return _search(cfg, supernet, constraint, Path(out_dir), batches, tokenizer, max_trials, say)
+
+
+def _search(cfg: SearchConfig, supernet: str | os.PathLike | Any, constraint: Constraint, out: Path,
+            batches: Sequence[dict[str, torch.Tensor]] | None, tokenizer: Any, max_trials: int | None,
+            say: Say) -> SearchRun:
+    from raynas.orchestration.cluster import check_cluster
+    from raynas.supernet import Supernet, load_supernet, load_supernet_tokenizer
+
     budgets = constraint.budgets(cfg.budgets)
     if isinstance(supernet, Supernet):
         net = supernet
@@ -258,6 +268,7 @@ def run_search(cfg: SearchConfig, supernet: str | os.PathLike | Any, constraint:
         say(f"search: resumed {replayed} stored evaluations from {store.path} (generation "
             f"{search.generation}/{search.last_generation})")
     if not search.done:
+        check_cluster(say=say)  # a dead cluster address: one line now, not after tokenizing the validation set
         if batches is None:
             tok = tokenizer if tokenizer is not None or isinstance(supernet, Supernet) else \
                 load_supernet_tokenizer(supernet)
@@ -316,10 +327,10 @@ def _tune(cfg: SearchConfig, net: Any, search: EvolutionSearch, constraint: Cons
     import ray
     from ray import tune
 
+    from raynas.orchestration.cluster import connect
     from raynas.orchestration.shared_supernet import put_supernet
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    connect(log_to_driver=False)
     shared = [put_supernet(net), ray.put(batches)]  # once; a list, so Tune passes the refs themselves
     space_name, t_start, done_before = net.space.name, time.perf_counter(), len(store)
 

@@ -85,9 +85,11 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from raynas.atomic_io import check_writable
+    from raynas.run_lock import check_run_lock
     from raynas.teachers import resolve_teacher
 
     check_writable(cfg.out, "out")  # before the corpus is tokenized or Ray starts
+    check_run_lock(cfg.out)  # another live run writes there: refused now (a dry run too), not after the tokenizer
     _refuse_old_layout(Path(cfg.out), cfg.name)
     raw = asdict(cfg)  # workers run in Ray's working dir: pass absolute paths
     if cfg.space:
@@ -154,15 +156,28 @@ def run_config(out: Path, max_failures: int) -> Any:
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Check, build the corpus once, run the TorchTrainer; return the last reported metrics."""
-    import ray
+    """Check, build the corpus once, run the TorchTrainer; return the last reported metrics.
+
+    The run holds ``OUT/.raynas.lock`` from its first write to its return (:mod:`raynas.run_lock`): a second
+    driver on the same OUT would otherwise resume from and overwrite the first's checkpoints.
+    """
+    from raynas.orchestration.cluster import check_cluster
+    from raynas.run_lock import run_lock
+
+    raw = preflight(cfg)
+    check_cluster()  # a dead cluster address: one line now, not after tokenizing
+    with run_lock(raw["out"]):
+        return _train(cfg, raw)
+
+
+def _train(cfg: TrainConfig, raw: dict[str, Any]) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raynas.data.corpus import build_corpus, corpus_stats
+    from raynas.orchestration.cluster import connect
     from raynas.orchestration.train_worker import train_loop
 
-    raw = preflight(cfg)
     out = Path(raw["out"])
     tokenizer = load_tokenizer(cfg)
     corpus = build_corpus(cfg.corpus, tokenizer, cache_dir=out / "corpus")
@@ -171,8 +186,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(tok_dir)
     loop_cfg = {"cfg": raw, "corpus_dir": corpus.cache_files["train"][0]["filename"].rsplit("/train/", 1)[0],
                 "tokenizer_dir": str(tok_dir), "out": str(out)}
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    connect(log_to_driver=True)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,
