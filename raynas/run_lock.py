@@ -84,11 +84,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _command() -> str:
-    """What the holder runs, for the refusal message: ``raynas supernet --config ...`` (at most 160 chars)."""
+    """What the holder runs, for the refusal message: ``raynas supernet --config ...`` (at most 100 chars)."""
     argv = list(sys.argv) or ["python"]
     argv[0] = Path(argv[0]).name or "python"
     text = " ".join(argv)
-    return text if len(text) <= 160 else text[:157] + "..."
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _ago(seconds: float) -> str:
