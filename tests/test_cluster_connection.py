@@ -62,17 +62,22 @@ def write_address(ray_tmp: Path, address: str) -> Path:
     return path
 
 
-@pytest.fixture
-def fake_gcs():
-    """A gRPC server answering ``NodeInfoGcsService/GetClusterId`` as a GCS does; yields its address."""
+def gcs_server(delay_s: float = 0.0):
+    """A gRPC server answering ``NodeInfoGcsService/GetClusterId`` as a GCS does (after ``delay_s``)."""
     grpc = pytest.importorskip("grpc")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: time.sleep(delay_s) or b"")
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "ray.rpc.NodeInfoGcsService", {"GetClusterId": handler})])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def fake_gcs():
+    server, address = gcs_server()
+    yield address
     server.stop(0)
 
 
@@ -121,7 +126,16 @@ def test_a_stale_address_file_under_auto_names_ray_stop(ray_tmp, monkeypatch):
 
 def test_a_port_that_answers_but_is_no_gcs_is_dead(ray_tmp, not_a_gcs, monkeypatch):
     line, _ = refused(monkeypatch, RAY_ADDRESS=not_a_gcs)
-    assert "not as a Ray GCS (gRPC UNIMPLEMENTED" in line
+    assert "answers, but not as a Ray GCS: gRPC UNIMPLEMENTED" in line
+
+
+def test_a_gcs_too_busy_to_answer_in_time_names_the_timeout_knob(ray_tmp, monkeypatch):
+    server, address = gcs_server(delay_s=3)
+    try:
+        line, _ = refused(monkeypatch, RAY_ADDRESS=address, RAYNAS_CONNECT_TIMEOUT_S="0.5")
+    finally:
+        server.stop(0)
+    assert "no Ray GCS answered within 0.5 s" in line and "RAYNAS_CONNECT_TIMEOUT_S" in line
 
 
 def test_a_malformed_address_names_where_it_came_from(ray_tmp, monkeypatch):

@@ -209,9 +209,12 @@ def _grpc_answer(host: str, port: int, timeout: float) -> str | None:
         return None
     except grpc.RpcError as exc:
         code = exc.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED):
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return (f"{host}:{port} accepts connections but no Ray GCS answered within {timeout:.1f} s; a busy head "
+                    f"may need a longer {TIMEOUT_ENV}")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
             detail = (exc.details() or "").splitlines()[0][:120] if exc.details() else ""
-            return f"the port answers, but not as a Ray GCS (gRPC {code.name}{': ' + detail if detail else ''})"
+            return f"{host}:{port} answers, but not as a Ray GCS: gRPC {code.name}{': ' + detail if detail else ''}"
         return None
     finally:
         channel.close()
