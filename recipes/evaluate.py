@@ -76,14 +76,21 @@ def main(argv: Sequence[str]) -> int:
                                "reference": args.reference, "out": args.out}.items() if v is not None}
     cfg = load_config(EvaluateConfig, args.config, [*args.overrides, *(_as_override(k, v) for k, v in flags.items())])
     out = check_writable(cfg.out, "out")
+    from raynas.orchestration.finetune_sweep import check_same_sweep, preflight
+    from raynas.run_lock import check_run_lock, run_lock
+
+    tasks = preflight(cfg)  # every check before the lock creates the folder: bad input leaves nothing
+    check_same_sweep(cfg, out)
+    check_run_lock(out)
     if args.dry_run:
-        from raynas.orchestration.finetune_sweep import check_same_sweep, preflight
-
-        tasks = preflight(cfg)
-        check_same_sweep(cfg, out)
         return dry_run_done("raynas evaluate", f"{len(cfg.models)} model(s) x tasks {tasks} into {out}")
+    with run_lock(out):  # one writer per folder: a second sweep here would restore and run the same trials
+        return evaluate(cfg, out, tasks)
 
-    rows = run_sweep(cfg, out)
+
+def evaluate(cfg: EvaluateConfig, out: Path, tasks: list[str]) -> int:
+    """The sweep, its tables and the family report (under the folder's lock)."""
+    rows = run_sweep(cfg, out, tasks)
     write_parquet(to_table(rows, TRIAL_SCHEMA), out / "trials.parquet")
     best = best_per_task(rows)
     write_parquet(to_table(best, TRIAL_SCHEMA), out / "best.parquet")

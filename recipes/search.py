@@ -80,6 +80,9 @@ def main(argv: Sequence[str]) -> int:
         return answer(args.answer, constraint, Path(args.out))
     check_writable(args.out, "--out")
     if args.dry_run:
+        from raynas.run_lock import check_run_lock
+
+        check_run_lock(args.out)
         return dry_run_done("raynas search", f"{cfg.strategy} search in space {net.space.name!r} for budgets "
                                              f"{[b.label for b in budgets]} into {args.out}")
 

@@ -72,7 +72,7 @@ def local_ray():
     """A local Ray instance (2 CPUs, no dashboard) for one test module; use with ``pytest.mark.usefixtures``."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
 

@@ -321,7 +321,7 @@ FAULT_STEP = 8  # the ray tests' workers fail checkpoint step 8 as on a full dis
 def ray_with_disk_fault():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {ck.FAULT_ENV: str(FAULT_STEP)}})
     yield
     ray.shutdown()

@@ -40,7 +40,7 @@ def test_a_family_runs_through_every_stage_into_one_pareto_table(tmp_path, capsy
            "latency": {"seq_len": 32, "repeats": 3}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["pipeline", "--config", str(path)]) == 0
         rows = pd.read_parquet(tmp_path / "run" / "pareto.parquet")

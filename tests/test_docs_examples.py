@@ -47,7 +47,7 @@ PLACEHOLDERS = [  # (regex, replacement); applied in order, whole words
 ]
 # GPU-cluster configs: they name the cluster's shared data or a hub model, so here they must stop on one of those
 NEEDS_CLUSTER = {"prune-paper.yaml": ("/shared/data/squad", "deepset/bert-base-uncased-squad2"),
-                 "nasbert-paper.yaml": ("bert-base-uncased",)}
+                 "nasbert-paper.yaml": ("bert-base-uncased",), "evaluate-glue.yaml": ("without network, pass a data_dir",)}
 
 
 # ---------------------------------------------------------------- collecting the examples

@@ -199,7 +199,7 @@ def test_sweep_trial_with_a_gpu_runs_on_cuda(tiny: Path, tmp_path: Path) -> None
     ray = pytest.importorskip("ray")
     from raynas.orchestration.finetune_sweep import run_sweep
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         rows = run_sweep(SweepConfig(models=[str(tiny / "base")], tasks=["sst2"], data_dir=str(tiny / "glue"),
                                      search={"lr": [1e-3]}, fixed={"max_steps": 2, "batch_size": 16,

@@ -140,7 +140,7 @@ def ray_with_fault():
 
     from raynas.orchestration.blockwise_tune import FAULT_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {FAULT_ENV: "1:10"}})
     yield
     ray.shutdown()

@@ -43,7 +43,7 @@ def test_a_family_of_targets_runs_as_tune_trials_and_a_rerun_skips_them(setup, t
     monkeypatch.chdir(setup["root"])  # a model path relative to the working directory reaches the trials
     setup = {**setup, "model": Path("ft")}
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "run"
         assert main(["prune", "--config", str(_config(setup, out))]) == 0

@@ -76,7 +76,7 @@ def test_variants_run_as_tune_trials_in_waves_and_a_rerun_skips_them(setup, tmp_
                 {"name": "k2", "method": "kmeans", "settings": {"bits": 2}},
                 {"name": "sparse", "method": "sparsify", "settings": {"sparsity": 0.5, "frequency": 1}},
                 {"name": "sparse-k4", "method": "kmeans", "source": "sparse", "settings": {"bits": 4}}]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "run"
         assert main(["quantize", "--config", str(_config(setup, out, variants, backends=["torch_fp32", "ort_int8"]))]) == 0

@@ -132,7 +132,7 @@ def test_ray_tasks_share_one_put_supernet():
     net = tiny_supernet("mlm").eval()
     archs, batches = [net.space.format(a) for a in _archs(net, 6, seed=9)], _batches()
     expected = [r["loss"] for r in validation_losses(net, archs, batches)]
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         ref = put_supernet(net)  # once; no folder exists anywhere
 

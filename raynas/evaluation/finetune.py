@@ -41,7 +41,15 @@ import raynas.models  # noqa: F401  (registers model_type raynas with the Auto c
 from raynas.atomic_io import atomic_dir
 from raynas.errors import ConfigError, require
 from raynas.evaluation import qa_features
-from raynas.evaluation.finetune_state import CHECKPOINT, Resume, TrainingHooks, injected_fault, load_state, save_state
+from raynas.evaluation.finetune_state import (
+    CHECKPOINT,
+    Resume,
+    TrainingHooks,
+    injected_fault,
+    load_state,
+    remove_state,
+    save_state,
+)
 from raynas.evaluation.metrics import glue_metrics, primary_metric
 from raynas.evaluation.task_data import TaskData, collate_fn, load_data
 from raynas.evaluation.task_models import check_positions, load_tokenizer, task_model_for, tokenizer_for
@@ -384,7 +392,7 @@ def _run(cfg: FinetuneConfig, task: Task, model_dir: str, teacher_dir: str | Non
     if cfg.output_dir is not None:
         _save(cfg, model, tokenizer, results)
     if ckpt is not None:
-        ckpt.unlink(missing_ok=True)  # the run is done: its result, not its checkpoint, is what is kept
+        remove_state(ckpt)  # the run is done: its result, not its checkpoints (latest and previous), is kept
     return results
 
 

@@ -138,13 +138,17 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Run every task's sweep on the current Ray cluster (or a local one); one row per trial."""
+def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, tasks: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run every task's sweep on the current Ray cluster (or a local one); one row per trial.
+
+    ``tasks``: :func:`preflight`'s result when the caller has already run it (checked before it took the folder's
+    lock, so bad input leaves no folder behind).
+    """
     from ray import tune
 
     from raynas.orchestration.cluster import connect
 
-    tasks = preflight(cfg)
+    tasks = tasks if tasks is not None else preflight(cfg)
     check_same_sweep(cfg, out_dir, write=True)  # before Ray starts: a changed config never mixes into old rows
     connect(log_to_driver=False)
     storage = Path(cfg.storage or Path(out_dir) / "ray_results").resolve()

@@ -196,5 +196,7 @@ def _train(cfg: TrainConfig, raw: dict[str, Any]) -> dict[str, Any]:
     )
     result = trainer.fit()
     if result.error is not None:
-        raise result.error
+        from raynas.orchestration.train_worker import worker_config_error
+
+        raise worker_config_error(result.error)  # a worker's one-line error (full disk, ...) stays one line
     return dict(result.metrics or {})
