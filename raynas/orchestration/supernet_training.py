@@ -194,9 +194,15 @@ def _train(cfg: TrainConfig, raw: dict[str, Any]) -> dict[str, Any]:
                                      resources_per_worker=resources),
         run_config=run_config(out, cfg.max_failures),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        from raynas.orchestration.train_worker import worker_config_error
+    from raynas.orchestration.train_worker import worker_config_error
 
-        raise worker_config_error(result.error)  # a worker's one-line error (full disk, ...) stays one line
+    try:  # Ray 2.60's fit() raises the WorkerGroupError itself; older ones return it in result.error
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001  (re-raised unless a worker's one-line ConfigError is inside)
+        error = worker_config_error(exc)
+        if error is exc:
+            raise
+        raise error from None  # a full disk at a checkpoint: the CLI prints its one line, exit 2
+    if result.error is not None:
+        raise worker_config_error(result.error)
     return dict(result.metrics or {})
