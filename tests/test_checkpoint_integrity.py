@@ -117,12 +117,26 @@ def test_a_checkpoint_from_before_manifests_is_accepted(tmp_path):
     assert verify(old, REQUIRED) is None
 
 
+
+def _dev_full() -> str:
+    """``/dev/full`` when it is the kernel's always-full character device, else skip: writing to a path that is
+    not that device (missing, or a regular file left by something else) as root would create or clobber it."""
+    import stat
+
+    try:
+        if stat.S_ISCHR(os.stat("/dev/full").st_mode):
+            return "/dev/full"
+    except OSError:
+        pass
+    pytest.skip("/dev/full is not the full character device here")
+
 def test_a_real_full_disk_stops_with_one_line_and_leaves_the_previous(tmp_path):
     """student.pt is a symlink to /dev/full: the kernel's own ENOSPC, mid-checkpoint."""
+    full = _dev_full()
     ckpts = tmp_path / "checkpoints"
     one = _write(ckpts, 1)
     with pytest.raises(CheckpointWriteError) as err:
-        _write(ckpts, 2, main_hook=lambda tmp: (tmp / "student.pt").symlink_to("/dev/full"))
+        _write(ckpts, 2, main_hook=lambda tmp: (tmp / "student.pt").symlink_to(full))
     assert str(err.value) == f"disk full writing checkpoint step-00000002 in {ckpts}; previous checkpoint step-00000001 intact"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000001"]  # no step-2, no .step-2.tmp
     assert verify(one, REQUIRED) is None
@@ -130,10 +144,11 @@ def test_a_real_full_disk_stops_with_one_line_and_leaves_the_previous(tmp_path):
 
 def test_torchs_path_writer_on_a_full_disk_is_named_too(tmp_path, monkeypatch):
     """DeepSpeed saves through torch's path writer, whose ENOSPC is 'RuntimeError: ... unexpected pos'."""
+    full = _dev_full()
     ckpts = tmp_path / "checkpoints"
     _write(ckpts, 1)
     try:
-        torch.save({"w": torch.zeros(1000)}, "/dev/full")
+        torch.save({"w": torch.zeros(1000)}, full)
     except RuntimeError as exc:
         writer_error = exc
 
@@ -199,6 +214,7 @@ def test_resuming_needs_room_for_one_more_checkpoint(tmp_path, monkeypatch):
 
 def test_every_rank_stops_with_rank_0s_error(tmp_path):
     """Two ranks (threads, a gather over a barrier): rank 0 hits the full disk, both raise its line."""
+    full = _dev_full()
     ckpts = tmp_path / "checkpoints"
     _write(ckpts, 1)
     slots: list[Any] = [None, None]
@@ -218,7 +234,7 @@ def test_every_rank_stops_with_rank_0s_error(tmp_path):
 
     def run(rank: int) -> None:
         try:
-            _write(ckpts, 2, rank, gather_for(rank), main_hook=lambda tmp: (tmp / "student.pt").symlink_to("/dev/full"))
+            _write(ckpts, 2, rank, gather_for(rank), main_hook=lambda tmp: (tmp / "student.pt").symlink_to(full))
         except CheckpointWriteError as exc:
             errors[rank] = str(exc)
 
