@@ -209,6 +209,7 @@ class _Held:
     pid: int  # the process that took it (a forked child inherits the registry, not the lock)
     token: str
     count: int
+    created: Path | None = None  # the topmost folder the lock had to create (removed again if left empty)
 
 
 _HELD: dict[Path, _Held] = {}
@@ -299,6 +300,13 @@ def _release(path: Path, pid: int) -> None:
             path.unlink()
         except OSError:
             pass
+    folder = path.parent  # a run stopped by bad input before writing: the folders made for the lock go again
+    while held.created is not None and folder.is_relative_to(held.created):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            break
+        folder = folder.parent
 
 
 class RunLock:
@@ -330,12 +338,16 @@ class RunLock:
                 held.count += 1
                 self._finalizer = weakref.finalize(self, _release, self.path, pid)
                 return self
+        created = None
+        probe = self.folder
+        while not probe.exists() and probe.parent != probe:
+            created, probe = probe, probe.parent
         self.folder.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         for _ in range(20):
             if _create(self.path, token):
                 with _GUARD:
-                    _HELD[self.path] = _Held(pid, token, 1)
+                    _HELD[self.path] = _Held(pid, token, 1, created)
                 self._finalizer = weakref.finalize(self, _release, self.path, pid)
                 _start_heartbeat()
                 return self

@@ -44,6 +44,7 @@ def _config(tmp: Path, tokenizer) -> Path:
     return path
 
 
+@pytest.mark.slow  # four Ray Train runs (~2 min); the default suite keeps the fast checks of the recipe
 @pytest.mark.ray
 @pytest.mark.deepspeed
 def test_bench_train_four_runs(tmp_path, tokenizer, local_ray, capsys):

@@ -364,6 +364,7 @@ def _worker_err_logs() -> str:
     return "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
 
 
+@pytest.mark.slow  # two trainer runs (~75 s); tests/test_faults.py does the same to raynas supernet, also slow
 @pytest.mark.ray
 def test_training_resumes_past_a_truncated_latest_checkpoint(tmp_path, tokenizer, ray_with_disk_fault):
     from raynas.orchestration.supernet_training import run_training
@@ -382,6 +383,7 @@ def test_training_resumes_past_a_truncated_latest_checkpoint(tmp_path, tokenizer
     assert _hidden(out / "checkpoints") == []
 
 
+@pytest.mark.slow  # a trainer run (~30 s); the unit tests above check the same write path without Ray
 @pytest.mark.ray
 def test_training_stops_on_a_full_disk_with_the_previous_checkpoint_intact(tmp_path, tokenizer, ray_with_disk_fault):
     from raynas.orchestration.supernet_training import run_training

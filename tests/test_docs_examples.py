@@ -234,6 +234,7 @@ def _run_raynas(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[in
 def test_documented_command_runs(source, command, workspace, capsys, monkeypatch):
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     part = _raynas_part(_split(command))
     if part is None or not _is_usage(part):  # usage lines keep their metavariables
         command = _substitute(command)

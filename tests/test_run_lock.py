@@ -176,3 +176,15 @@ def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
         while lock.path.stat().st_mtime == 0 and time.time() < deadline:
             time.sleep(0.02)
         assert time.time() - lock.path.stat().st_mtime < 10
+
+
+def test_a_folder_made_only_for_the_lock_goes_with_it(tmp_path):
+    """Bad input found while the lock is held (a missing corpus file) leaves nothing behind; written work stays."""
+    from raynas.run_lock import run_lock
+
+    with run_lock(tmp_path / "a" / "out"):
+        assert (tmp_path / "a" / "out" / ".raynas.lock").is_file()
+    assert list(tmp_path.iterdir()) == []
+    with run_lock(tmp_path / "b"):
+        (tmp_path / "b" / "result.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["result.json"]
