@@ -46,6 +46,11 @@ def resolve_teacher(name_or_path: str | os.PathLike, field: str = "teacher") -> 
 _HUB_REACHABLE: dict[str, bool] = {}
 
 
+def hub_offline(*variables: str) -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE``, or any of ``variables``, set to 1 / true / yes)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", *variables))
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's host accepts a connection within ``timeout`` (asked once per process)."""
     import socket
@@ -76,7 +81,7 @@ def _check_hub_name(name: str, field: str) -> None:
             return
     except Exception:  # an invalid repo id, an old huggingface_hub: let the checks below speak
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     if offline or not hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
         raise ConfigError(f"{field}: {name!r} is not a local folder, a packaged teacher "

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,6 +70,22 @@ def training_corpus(tmp: Path) -> Path:
     path = tmp / "corpus.txt"
     path.write_text("\n\n".join(paras))
     return path
+
+
+@contextmanager
+def size_limited_tmpfs(folder: Path, size: int) -> Iterator[Path]:
+    """``folder`` (created) on a tmpfs of ``size`` bytes for the block: a real full disk. Skips without root."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    folder.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import size_limited_tmpfs
 
 from raynas.training import checkpoints as ck
 from raynas.training.checkpoints import (
@@ -412,13 +412,7 @@ def test_a_real_full_tmpfs_stops_training_cleanly(tmp_path, tokenizer, ray_with_
     run_training(_train_config(tmp_path, tokenizer, probe, steps=3, checkpoint_every=3, eval_every=3))
     size = ck.checkpoint_bytes(probe / "checkpoints" / "step-00000003")
     assert size > 3 * 2**19, size  # else the second would fit too
-    ckpts = tmp_path / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + 3 * 2**19}", "tmpfs", str(ckpts)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()})")
-    try:
+    with size_limited_tmpfs(tmp_path / "run" / "checkpoints", size + 3 * 2**19) as ckpts:
         with pytest.raises(Exception) as err:  # noqa: B017 -- unwrapped below
             run_training(_train_config(tmp_path, tokenizer, tmp_path / "run", steps=6, checkpoint_every=3, eval_every=6))
         error = worker_config_error(err.value)
@@ -426,5 +420,3 @@ def test_a_real_full_tmpfs_stops_training_cleanly(tmp_path, tokenizer, ray_with_
         assert sorted(p.name for p in ckpts.glob("*step-*")) == ["step-00000003"]
         assert verify(ckpts / "step-00000003", REQUIRED) is None
         json.loads((ckpts / "checkpoint_manager_snapshot.json").read_text())  # Ray's snapshot whole: a rerun resumes
-    finally:
-        subprocess.run(["umount", str(ckpts)], check=False)

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import size_limited_tmpfs
 from test_finetune import _bert_dir, _write_sst2
+
+from raynas.training.checkpoints import checkpoint_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,8 +135,7 @@ def finished_run(tmp_path_factory):
     out, log = root / "run", root / "log.txt"
     proc = _supernet(out, log, "steps=20", "eval_every=20")
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
-    step = out / "checkpoints" / "step-00000020"
-    return out, sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
+    return out, checkpoint_bytes(out / "checkpoints" / "step-00000020")
 
 
 def test_a_truncated_latest_checkpoint_resumes_from_the_previous(finished_run, tmp_path, tmp_path_factory):
@@ -155,19 +157,9 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_previous(finished_run, t
 
 
 def test_a_full_disk_stops_the_run_with_the_previous_checkpoint_intact(finished_run, tmp_path, tmp_path_factory):
-    import shutil
-
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a size-limited tmpfs")
     _, size = finished_run
     out = tmp_path / "run"
-    ckpts = out / "checkpoints"
-    ckpts.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + 3 * 2**19}", "tmpfs", str(ckpts)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with size_limited_tmpfs(out / "checkpoints", size + 3 * 2**19) as ckpts:
         log = tmp_path / "log.txt"
         t0 = time.perf_counter()
         proc = _supernet(out, log, "steps=20", "eval_every=20", "max_failures=0")
@@ -181,8 +173,6 @@ def test_a_full_disk_stops_the_run_with_the_previous_checkpoint_intact(finished_
         assert "disk full writing checkpoint step-00000020" in last and "step-00000010 intact" in last, last
         assert sorted(p.name for p in ckpts.glob("*step-*")) == ["step-00000010"]
         assert (ckpts / "step-00000010" / "manifest.json").is_file()
-    finally:
-        subprocess.run(["umount", str(ckpts)], capture_output=True)
     record("disk full while writing a checkpoint (OUT/checkpoints on a tmpfs with room for one)",
            "raynas supernet", f"exit 2, one line: {last.split('error: ')[-1]}; no step-20 or temp folder left",
            "–", "–", detect, tmp_path_factory)

@@ -227,16 +227,14 @@ def check_same_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, write: bool =
 def preflight(cfg: SweepConfig) -> list[str]:
     """Check tasks, data files and models in the driver, before any Ray worker starts; canonical task names."""
     from raynas.evaluation.tasks import canonical_task, load_task_split
-    from raynas.teachers import resolve_teacher
+    from raynas.teachers import hub_offline, hub_reachable, resolve_teacher
 
     if not cfg.models or not cfg.tasks:
         raise ConfigError("models and tasks: give at least one of each")
     tasks = [canonical_task(t) for t in cfg.tasks]
     splits = (cfg.fixed.get("train_split", "train"), cfg.fixed.get("eval_split", "validation"))
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = hub_offline("HF_DATASETS_OFFLINE")
     if cfg.data_dir is None and not offline:
-        from raynas.teachers import hub_reachable
-
         if not hub_reachable():  # else every trial would find out, after Ray started, minutes later
             raise ConfigError("data_dir: not given, so the tasks would come from the Hugging Face hub, which is "
                               "unreachable: give data_dir (GLUE TSV folders / SQuAD JSON), or set HF_HUB_OFFLINE=1 "
